@@ -1,0 +1,171 @@
+"""Turning samples into pictures: uint8 conversion, image grids, PNG files and 2-D scatter plots.
+
+Files are written atomically: into a temporary file in the destination directory, then moved over
+the destination with ``os.replace``, so a reader never sees a half-written PNG.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import uuid
+from collections.abc import Callable, Sequence
+from typing import BinaryIO
+
+import numpy as np
+from jax.typing import ArrayLike
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from PIL import Image
+
+from diffusion.data import check_data_range
+
+__all__ = ["make_grid", "save_image_grid", "save_png", "save_scatter_png", "to_uint8"]
+
+
+def to_uint8(images: ArrayLike, data_range: Sequence[float] = (-1.0, 1.0)) -> np.ndarray:
+    """Map floats in data_range = (lo, hi) to uint8: round(255 (x - lo) / (hi - lo)), clipped to
+    [0, 255].
+
+    The exact inverse of ``diffusion.data.uint8_to_float`` without dequantisation; a dequantised
+    pixel x maps back to x - 1, x or x + 1 (255 (x + u) / 256 is within 1/2 + x/256 of x).
+    """
+    lo, hi = check_data_range(data_range)
+    unit = (np.asarray(images, dtype=np.float32) - lo) / (hi - lo)
+    return np.clip(np.rint(unit * 255), 0, 255).astype(np.uint8)
+
+
+def make_grid(
+    images: np.ndarray,
+    *,
+    num_columns: int | None = None,
+    padding: int = 2,
+    pad_value: int = 0,
+) -> np.ndarray:
+    """Tile uint8 images (N, H, W, C), C = 1 or 3, into one (rows (H + p) + p, cols (W + p) + p, C)
+    uint8 image.
+
+    Image k sits in row k // num_columns, column k % num_columns, with its top-left pixel at
+    (p + row (H + p), p + column (W + p)) for padding p; slots after the last image in the last row,
+    and the padding, hold ``pad_value``. ``num_columns`` defaults to ceil(sqrt(N)).
+    """
+    images = np.asarray(images)
+    if images.ndim != 4 or images.dtype != np.uint8 or images.shape[-1] not in (1, 3):
+        raise ValueError(
+            f"images must be (N, H, W, C) uint8 with C = 1 or 3, got {images.shape} {images.dtype}"
+        )
+    num_images, height, width, channels = images.shape
+    if num_images == 0:
+        raise ValueError("images is empty: need at least one image for a grid")
+    if num_columns is None:
+        num_columns = math.ceil(math.sqrt(num_images))
+    if num_columns < 1 or padding < 0 or not 0 <= pad_value <= 255:
+        raise ValueError(
+            f"need num_columns >= 1, padding >= 0 and 0 <= pad_value <= 255, got {num_columns}, "
+            f"{padding} and {pad_value}"
+        )
+    num_rows = math.ceil(num_images / num_columns)
+    grid = np.full(
+        (
+            num_rows * (height + padding) + padding,
+            num_columns * (width + padding) + padding,
+            channels,
+        ),
+        pad_value,
+        dtype=np.uint8,
+    )
+    for index, image in enumerate(images):
+        row, column = divmod(index, num_columns)
+        top = padding + row * (height + padding)
+        left = padding + column * (width + padding)
+        grid[top : top + height, left : left + width] = image
+    return grid
+
+
+def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Create the parent directories, ``write`` a temporary file next to ``path``, move it there."""
+    path = os.fspath(path)
+    directory, filename = os.path.split(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    temporary_path = os.path.join(directory, f".{filename}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temporary_path, "xb") as file:
+            write(file)
+        os.replace(temporary_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary_path)
+        raise
+
+
+def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
+    """Write one uint8 image, (H, W), (H, W, 1) (grayscale) or (H, W, 3) (RGB), as a PNG file."""
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or not (
+        image.ndim == 2 or (image.ndim == 3 and image.shape[-1] in (1, 3))
+    ):
+        raise ValueError(
+            f"image must be (H, W), (H, W, 1) or (H, W, 3) uint8, got {image.shape} {image.dtype}"
+        )
+    if image.ndim == 3 and image.shape[-1] == 1:
+        image = image[..., 0]
+    picture = Image.fromarray(image)
+    _write_atomically(path, lambda file: picture.save(file, format="PNG"))
+
+
+def save_image_grid(
+    path: str | os.PathLike,
+    images: ArrayLike,
+    data_range: Sequence[float] = (-1.0, 1.0),
+    *,
+    num_columns: int | None = None,
+    padding: int = 2,
+    pad_value: int = 0,
+) -> np.ndarray:
+    """Write float images (N, H, W, C) in ``data_range`` as one PNG grid; return the uint8 grid.
+
+    ``to_uint8`` then ``make_grid`` (see both for the mapping and the layout), then ``save_png``.
+    """
+    grid = make_grid(
+        to_uint8(images, data_range), num_columns=num_columns, padding=padding, pad_value=pad_value
+    )
+    save_png(path, grid)
+    return grid
+
+
+def save_scatter_png(
+    path: str | os.PathLike,
+    points: ArrayLike,
+    *,
+    reference_points: ArrayLike | None = None,
+    limits: tuple[float, float] | None = (-4.0, 4.0),
+    title: str | None = None,
+    size_inches: float = 4.0,
+    dpi: int = 100,
+    marker_size: float = 1.0,
+) -> None:
+    """Write a scatter plot of 2-D points (N, 2) as a PNG of size_inches * dpi pixels square.
+
+    ``reference_points`` (M, 2), e.g. data samples, are drawn first in grey under ``points``;
+    ``limits`` sets both axes (None: matplotlib's automatic limits).
+    """
+    point_sets = {"points": points, "reference_points": reference_points}
+    for name, values in point_sets.items():
+        if values is not None and (np.ndim(values) != 2 or np.shape(values)[1] != 2):
+            raise ValueError(f"{name} must have shape (N, 2), got {np.shape(values)}")
+    figure = Figure(figsize=(size_inches, size_inches), dpi=dpi)
+    FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    if reference_points is not None:
+        reference = np.asarray(reference_points)
+        axes.scatter(reference[:, 0], reference[:, 1], s=marker_size, c="0.7", linewidths=0)
+    samples = np.asarray(points)
+    axes.scatter(samples[:, 0], samples[:, 1], s=marker_size, c="tab:blue", linewidths=0)
+    if limits is not None:
+        axes.set_xlim(limits)
+        axes.set_ylim(limits)
+    axes.set_aspect("equal")
+    if title is not None:
+        axes.set_title(title)
+    _write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=dpi))

@@ -1,0 +1,105 @@
+"""Tests for diffusion.images: uint8 conversion, grid layout and atomic PNG writing."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from diffusion import data, images
+
+
+@pytest.mark.parametrize("data_range", [(-1.0, 1.0), (0.0, 1.0)])
+def test_to_uint8_inverts_the_scaling_exactly(data_range):
+    pixels = np.arange(256, dtype=np.uint8).reshape(4, 8, 8, 1)
+    np.testing.assert_array_equal(
+        images.to_uint8(data.uint8_to_float(pixels, data_range), data_range), pixels
+    )
+    # Out-of-range samples are clipped to the end points.
+    lo, hi = data_range
+    clipped = images.to_uint8(np.array([lo - 5.0, hi + 0.3, np.float32(hi)]), data_range)
+    np.testing.assert_array_equal(clipped, [0, 255, 255])
+
+
+def test_to_uint8_maps_dequantized_pixels_within_one_level():
+    pixels = np.repeat(np.arange(256, dtype=np.uint8), 16).reshape(16, 16, 16, 1)
+    noise = np.random.default_rng(0).random(pixels.shape, dtype=np.float32)
+    restored = images.to_uint8(data.uint8_to_float(pixels, (-1.0, 1.0), noise)).astype(int)
+    assert np.abs(restored - pixels.astype(int)).max() == 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_make_grid_places_image_k_at_its_offset(channels):
+    rng = np.random.default_rng(0)
+    tiles = rng.integers(0, 200, size=(7, 5, 4, channels), dtype=np.uint8)
+    grid = images.make_grid(tiles, num_columns=3, padding=2, pad_value=255)
+    # 3 rows of (5 + 2) plus 2, 3 columns of (4 + 2) plus 2.
+    assert grid.shape == (23, 20, channels) and grid.dtype == np.uint8
+    covered = np.zeros(grid.shape[:2], dtype=bool)
+    for index in range(7):
+        row, column = index // 3, index % 3
+        top, left = 2 + 7 * row, 2 + 6 * column
+        np.testing.assert_array_equal(grid[top : top + 5, left : left + 4], tiles[index])
+        covered[top : top + 5, left : left + 4] = True
+    # Everything else (padding and the two empty slots of the last row) holds pad_value.
+    assert np.all(grid[~covered] == 255)
+
+
+def test_make_grid_defaults_to_a_near_square_layout():
+    tiles = np.zeros((10, 3, 3, 1), dtype=np.uint8)
+    # ceil(sqrt(10)) = 4 columns, so 3 rows.
+    assert images.make_grid(tiles, padding=1).shape == (3 * 4 + 1, 4 * 4 + 1, 1)
+    assert images.make_grid(tiles[:1], padding=0).shape == (3, 3, 1)
+
+
+def test_make_grid_rejects_bad_input():
+    with pytest.raises(ValueError, match="uint8"):
+        images.make_grid(np.zeros((2, 3, 3, 1), dtype=np.float32))
+    with pytest.raises(ValueError, match="C = 1 or 3"):
+        images.make_grid(np.zeros((2, 3, 3, 2), dtype=np.uint8))
+    with pytest.raises(ValueError, match="pad_value"):
+        images.make_grid(np.zeros((2, 3, 3, 1), dtype=np.uint8), pad_value=300)
+
+
+@pytest.mark.parametrize(("channels", "mode"), [(1, "L"), (3, "RGB")])
+def test_save_image_grid_writes_a_readable_png(tmp_path, channels, mode):
+    samples = np.random.default_rng(1).uniform(-1.0, 1.0, size=(6, 8, 7, channels))
+    path = tmp_path / "nested" / "dir" / "grid.png"
+    grid = images.save_image_grid(path, samples, (-1.0, 1.0), num_columns=3, padding=1)
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.mode == mode
+        assert picture.size == (3 * (7 + 1) + 1, 2 * (8 + 1) + 1)  # (width, height)
+        pixels = np.asarray(picture)
+    np.testing.assert_array_equal(pixels.reshape(grid.shape), grid)
+    np.testing.assert_array_equal(grid[1:9, 1:8], images.to_uint8(samples[0]))
+    assert sorted(entry.name for entry in path.parent.iterdir()) == ["grid.png"]
+
+
+def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
+    path = tmp_path / "picture.png"
+    first = np.full((4, 4, 3), 10, dtype=np.uint8)
+    images.save_png(path, first)
+
+    def fail_midway(file):
+        file.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        images._write_atomically(path, fail_midway)
+    with Image.open(path) as picture:
+        np.testing.assert_array_equal(np.asarray(picture), first)
+    assert [entry.name for entry in tmp_path.iterdir()] == ["picture.png"]
+
+
+def test_save_scatter_png_draws_the_points(tmp_path):
+    points = data.toy_batch("two_moons", step=0, batch_size=500, seed=0)
+    path = tmp_path / "plots" / "samples.png"
+    images.save_scatter_png(path, points, size_inches=3.0, dpi=50, marker_size=4.0)
+    with Image.open(path) as picture:
+        assert picture.size == (150, 150)
+        pixels = np.asarray(picture.convert("RGB")).astype(int)
+    # Markers are matplotlib's tab:blue (31, 119, 180); nothing else in the plot is that colour.
+    is_blue = np.all(np.abs(pixels - [31, 119, 180]) < 30, axis=-1)
+    assert is_blue.sum() > 100
+    with pytest.raises(ValueError, match=r"\(N, 2\)"):
+        images.save_scatter_png(path, np.zeros((5, 3)))
