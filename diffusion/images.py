@@ -21,7 +21,14 @@ from PIL import Image
 
 from diffusion.data import check_data_range
 
-__all__ = ["make_grid", "save_image_grid", "save_png", "save_scatter_png", "to_uint8"]
+__all__ = [
+    "make_grid",
+    "save_image_grid",
+    "save_png",
+    "save_scatter_png",
+    "to_uint8",
+    "write_atomically",
+]
 
 
 def to_uint8(images: ArrayLike, data_range: Sequence[float] = (-1.0, 1.0)) -> np.ndarray:
@@ -83,7 +90,7 @@ def make_grid(
     return grid
 
 
-def _write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
+def write_atomically(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> None:
     """Create the parent directories, ``write`` a temporary file next to ``path``, move it there."""
     path = os.fspath(path)
     directory, filename = os.path.split(os.path.abspath(path))
@@ -111,7 +118,7 @@ def save_png(path: str | os.PathLike, image: np.ndarray) -> None:
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
     picture = Image.fromarray(image)
-    _write_atomically(path, lambda file: picture.save(file, format="PNG"))
+    write_atomically(path, lambda file: picture.save(file, format="PNG"))
 
 
 def save_image_grid(
@@ -168,4 +175,4 @@ def save_scatter_png(
     axes.set_aspect("equal")
     if title is not None:
         axes.set_title(title)
-    _write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=dpi))
+    write_atomically(path, lambda file: figure.savefig(file, format="png", dpi=dpi))

@@ -85,7 +85,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        images._write_atomically(path, fail_midway)
+        images.write_atomically(path, fail_midway)
     with Image.open(path) as picture:
         np.testing.assert_array_equal(np.asarray(picture), first)
     assert [entry.name for entry in tmp_path.iterdir()] == ["picture.png"]
