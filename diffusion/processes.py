@@ -188,7 +188,8 @@ class Process(abc.ABC):
         Default: sqrt(alpha(T)^2 + sigma(T)^2), the std of x_T for data of zero mean and unit
         variance: exactly 1 for every variance-preserving process (Ho et al. 2020; Song et al. 2021).
         """
-        return float(np.hypot(self.alpha(self.T), self.sigma(self.T)))
+        with jax.ensure_compile_time_eval():  # a Python float even while being traced
+            return float(np.hypot(self.alpha(self.T), self.sigma(self.T)))
 
     def prior_sample(self, key: Array, shape: tuple[int, ...], dtype=None) -> Array:
         """Draw x_T ~ N(0, prior_std^2 I)."""
@@ -419,7 +420,8 @@ class VESDE(Process):
     @property
     def prior_std(self) -> float:
         """sigma(T): the data's contribution to x_T is neglected (Song & Ermon 2019; Song et al. 2021)."""
-        return float(self.sigma(self.T))
+        with jax.ensure_compile_time_eval():
+            return float(self.sigma(self.T))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

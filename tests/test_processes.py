@@ -322,6 +322,13 @@ def test_prior_std_conventions(x64):
     assert P.EDM().prior_std == 80.0
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_prior_works_under_jit(name):
+    process = P.make_process(name)
+    x = jnp.ones((2, 3))
+    np.testing.assert_allclose(jax.jit(process.prior_logp)(x), process.prior_logp(x), rtol=1e-6)
+
+
 def test_processes_are_hashable_static_arguments():
     process = P.DDPM(num_steps=10)
     assert hash(process) == hash(P.DDPM(num_steps=10)) and process == P.DDPM(num_steps=10)
