@@ -1,0 +1,42 @@
+"""Samplers: one pure function per solver, a registry, time grids and the ``sample`` entry point.
+
+Every sampler is ``fn(denoiser, key, x_init, times, **options) -> SampleResult`` (see ``base``) and runs
+every process and parameterization. Registered names:
+
+* ``ancestral``, ``ddim`` (``ancestral``): Ho et al. 2020 Alg. 2; Song, Meng & Ermon 2021;
+* ``euler_maruyama``, ``reverse_diffusion``, ``pc``, ``annealed_langevin`` (``sde``): Song et al. 2021;
+  Song & Ermon 2019;
+* ``euler``, ``heun``, ``edm_stochastic``, ``adaptive`` (``ode``): the probability-flow ODE; Karras et
+  al. 2022 Alg. 1-2; diffrax;
+* ``dpm_solver*`` (``dpm_solver``): Lu et al. 2022, DPM-Solver and DPM-Solver++.
+
+``sample(name, denoiser, key, x_init_or_shape, grid=..., num_steps=..., **options)`` validates, builds
+the grid and runs one cached jitted program; ``sweep`` runs solvers x NFE x grids against a reference.
+"""
+
+# Importing a sampler module registers its samplers.
+from diffusion.samplers import ancestral, dpm_solver, ode, sde
+from diffusion.samplers.api import SamplerProgram, final_denoise, sample, sampler_program
+from diffusion.samplers.base import SAMPLERS, SampleResult, SamplerSpec, get_sampler
+from diffusion.samplers.grids import CONTINUOUS_GRIDS, GRIDS, INDEX_GRIDS, time_grid
+from diffusion.samplers.sweep import sweep
+
+__all__ = [
+    "CONTINUOUS_GRIDS",
+    "GRIDS",
+    "INDEX_GRIDS",
+    "SAMPLERS",
+    "SampleResult",
+    "SamplerProgram",
+    "SamplerSpec",
+    "ancestral",
+    "dpm_solver",
+    "final_denoise",
+    "get_sampler",
+    "ode",
+    "sample",
+    "sampler_program",
+    "sde",
+    "sweep",
+    "time_grid",
+]
