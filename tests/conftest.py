@@ -11,8 +11,42 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]
 ).strip()
 
+import gzip
+import struct
+import tempfile
+
 import jax  # after XLA_FLAGS, so that the flag takes effect
+import numpy as np
 import pytest
+
+# Programs that several tests compile identically (e.g. one network under three configs that differ
+# only in their data source) are compiled once per session and then read from this cache.
+_COMPILATION_CACHE = tempfile.TemporaryDirectory(prefix="jax-compilation-cache-")
+jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.name)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+IDX_BIG_ENDIAN = {0x08: ">u1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4"}
+
+
+def write_idx_file(path, array: np.ndarray, type_code: int = 0x08) -> None:
+    """Write an IDX file by hand from the format description (magic, dims, big-endian data)."""
+    header = struct.pack(">BBBB", 0, 0, type_code, array.ndim)
+    header += struct.pack(f">{array.ndim}I", *array.shape)
+    payload = header + array.astype(IDX_BIG_ENDIAN[type_code]).tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as file:
+        file.write(payload)
+
+
+def write_mnist_like_idx(directory, num_train: int = 16, num_test: int = 8, seed: int = 0) -> str:
+    """Random 28x28 uint8 digits with labels 0..9 as the four MNIST IDX files in ``directory``."""
+    rng = np.random.default_rng(seed)
+    for prefix, count in (("train", num_train), ("t10k", num_test)):
+        images = rng.integers(0, 256, (count, 28, 28), dtype=np.uint8)
+        labels = np.arange(count, dtype=np.uint8) % 10
+        write_idx_file(f"{directory}/{prefix}-images-idx3-ubyte.gz", images)
+        write_idx_file(f"{directory}/{prefix}-labels-idx1-ubyte.gz", labels)
+    return str(directory)
 
 
 @pytest.fixture

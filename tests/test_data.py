@@ -4,28 +4,16 @@ from __future__ import annotations
 
 import collections
 import gzip
-import struct
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
+from conftest import IDX_BIG_ENDIAN, write_idx_file
 from sklearn.datasets import load_digits
 
 from diffusion import data
 
 # ---------------------------------------------------------------------------------------- helpers
-
-_BIG_ENDIAN = {0x08: ">u1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4"}
-
-
-def _write_idx(path, array: np.ndarray, type_code: int = 0x08) -> None:
-    """Write an IDX file by hand from the format description (magic, dims, big-endian data)."""
-    header = struct.pack(">BBBB", 0, 0, type_code, array.ndim)
-    header += struct.pack(f">{array.ndim}I", *array.shape)
-    payload = header + array.astype(_BIG_ENDIAN[type_code]).tobytes()
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "wb") as file:
-        file.write(payload)
 
 
 def _random_dataset(num_examples: int, shape=(6, 5, 3), seed: int = 0) -> data.ImageDataset:
@@ -121,10 +109,10 @@ def test_missing_tfds_dataset_raises_a_clear_error(tmp_path):
 )
 def test_read_idx_round_trip(tmp_path, suffix, type_code, values):
     path = tmp_path / f"array{suffix}"
-    _write_idx(path, values, type_code)
+    write_idx_file(path, values, type_code)
     loaded = data.read_idx(path)
     assert loaded.shape == values.shape
-    assert loaded.dtype == np.dtype(_BIG_ENDIAN[type_code]).newbyteorder("=")
+    assert loaded.dtype == np.dtype(IDX_BIG_ENDIAN[type_code]).newbyteorder("=")
     np.testing.assert_array_equal(loaded, values)
 
 
@@ -135,8 +123,8 @@ def test_load_dataset_from_idx_files(tmp_path, train_suffix, test_suffix):
     for prefix, count, suffix in (("train", 5, train_suffix), ("t10k", 3, test_suffix)):
         images = rng.integers(0, 256, size=(count, 28, 28), dtype=np.uint8)
         labels = rng.integers(0, 10, size=count).astype(np.uint8)
-        _write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", images)
-        _write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
+        write_idx_file(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", images)
+        write_idx_file(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", labels)
         arrays[prefix] = images, labels
     for split, prefix in (("train", "train"), ("test", "t10k")):
         dataset = data.load_dataset("fashion_mnist", split, idx_dir=tmp_path)
@@ -147,7 +135,7 @@ def test_load_dataset_from_idx_files(tmp_path, train_suffix, test_suffix):
 
 def test_read_idx_rejects_a_bad_magic_number(tmp_path):
     path = tmp_path / "train-images-idx3-ubyte"
-    _write_idx(path, np.zeros((2, 28, 28), dtype=np.uint8))
+    write_idx_file(path, np.zeros((2, 28, 28), dtype=np.uint8))
     raw = bytearray(path.read_bytes())
     raw[0] = 0x12
     path.write_bytes(bytes(raw))
@@ -158,7 +146,7 @@ def test_read_idx_rejects_a_bad_magic_number(tmp_path):
 
 def test_read_idx_rejects_truncated_data(tmp_path):
     path = tmp_path / "labels.gz"
-    _write_idx(path, np.arange(10, dtype=np.uint8))
+    write_idx_file(path, np.arange(10, dtype=np.uint8))
     with gzip.open(path, "rb") as file:
         raw = file.read()
     with gzip.open(path, "wb") as file:

@@ -1,0 +1,292 @@
+"""The base configuration every experiment starts from, and the building blocks the small files share.
+
+Key names follow score_sde where it had one (training.n_iters, training.batch_size, training.log_freq,
+training.snapshot_freq, training.snapshot_sampling, sampling.method, eval.batch_size, model.nf,
+model.ch_mult, data.dataset, data.centered, seed). Every option of every registered sampler has a key
+``sampling.options.<sampler>.<option>`` holding the registry's default, so
+``--config.sampling.method=pc --config.sampling.options.pc.snr=0.2`` works and a misspelt key is
+rejected. A config says its process,
+parameterization, loss weighting, model, optimiser, sampler and evaluation; experiments/run.py turns
+it into library objects and rejects impossible combinations before building anything.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+from diffusion import samplers
+
+
+def _sampler_options() -> ml_collections.ConfigDict:
+    """One sub-dict per registered sampler, holding its options at the registry's defaults."""
+    options = ml_collections.ConfigDict()
+    for name, spec in sorted(samplers.SAMPLERS.items()):
+        sub = ml_collections.ConfigDict()
+        for option, default in spec.defaults.items():
+            # None defaults become typed placeholders so that a command-line value can fill them.
+            sub[option] = config_dict.placeholder(float) if default is None else default
+        options[name] = sub
+    return options
+
+
+def get_base_config() -> ml_collections.ConfigDict:
+    """Defaults shared by all experiments (score_sde's training hyperparameters)."""
+    config = ml_collections.ConfigDict()
+    config.seed = 42
+
+    config.data = ml_collections.ConfigDict()
+    config.data.dataset = "mnist"  # mnist | fashion_mnist | cifar10 | digits | a toy name
+    config.data.data_dir = config_dict.placeholder(str)  # TFDS data_dir (None: TFDS default)
+    config.data.idx_dir = config_dict.placeholder(str)  # directory of IDX files (MNIST-like only)
+    config.data.centered = True  # data in [-1, 1]; False: [0, 1] (score_sde's VE configs)
+    config.data.dequantize = False
+    config.data.random_flip = False
+
+    config.process = ml_collections.ConfigDict()
+    config.process.name = "vp"
+
+    config.model = ml_collections.ConfigDict()
+    config.model.name = "unet"
+    config.model.parameterization = "eps"
+    config.model.time_input = "999t"
+    config.model.sigma_data = 0.5
+    config.model.num_classes = config_dict.placeholder(int)
+    config.model.nf = 64
+    config.model.ch_mult = (1, 2, 2)
+    config.model.num_res_blocks = 2
+    config.model.attn_resolutions = (14,)
+    config.model.dropout = 0.1
+    config.model.resamp_with_conv = True
+    config.model.embedding_type = "positional"
+    config.model.fourier_scale = 16.0
+    config.model.skip_rescale = False
+    config.model.scale_by_sigma = False
+
+    config.training = ml_collections.ConfigDict()
+    config.training.batch_size = 128
+    config.training.n_iters = 200_000
+    config.training.log_freq = 100
+    config.training.snapshot_freq = 10_000
+    config.training.snapshot_sampling = True
+    config.training.snapshot_num_samples = 64
+    config.training.checkpoint_freq = 5_000
+    config.training.keep_checkpoints = 3
+    config.training.weighting = "simple"
+    config.training.time_sampling = "uniform"
+    config.training.reduction = "mean"
+    config.training.min_snr_gamma = 5.0
+    config.training.ema_decay = 0.9999
+    config.training.ema_warmup = False
+    config.training.parallelism = "jit"  # jit (sharded over all local devices) | pmap
+    config.training.steps_per_call = 1
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.optimizer = "adam"
+    config.optim.lr = 2e-4
+    config.optim.beta1 = 0.9
+    config.optim.beta2 = 0.999
+    config.optim.eps = 1e-8
+    config.optim.weight_decay = 0.0
+    config.optim.warmup = 5000
+    config.optim.decay = "constant"
+    config.optim.grad_clip = 1.0
+
+    config.sampling = ml_collections.ConfigDict()
+    config.sampling.method = "euler_maruyama"
+    config.sampling.grid = "uniform_t"
+    config.sampling.num_steps = 1000
+    config.sampling.t_end = config_dict.placeholder(float)  # None: the process's default
+    config.sampling.rho = 7.0
+    config.sampling.denoise_final = True
+    config.sampling.num_samples = 64
+    config.sampling.batch_size = 64
+    config.sampling.options = _sampler_options()
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.batch_size = 256
+    config.eval.num_samples = 1000
+    config.eval.bpd = True
+    config.eval.bpd_num_examples = 256
+    config.eval.bpd_rtol = 1e-5
+    config.eval.feature_extractor = "classifier"  # classifier | inception | none
+    config.eval.inception_weights = config_dict.placeholder(str)
+    config.eval.classifier_steps = 3000
+    config.eval.sweep_solvers = ("ddim", "heun", "dpm_solver_pp_2m", "dpm_solver_fast")
+    config.eval.sweep_nfes = (10, 20, 50)
+    config.eval.sweep_grids = ("uniform_t", "uniform_log_snr")
+    config.eval.sweep_num_samples = 256
+    return config
+
+
+# ------------------------------------------------------------------------------ building blocks
+def set_process(config: ml_collections.ConfigDict, name: str, **fields) -> None:
+    """Replace config.process by process ``name`` with the given fields (names of its dataclass)."""
+    config.process = ml_collections.ConfigDict({"name": name, **fields})
+
+
+def mnist_like(config: ml_collections.ConfigDict, dataset: str, idx_dir: str | None = None) -> None:
+    """28x28x1 data (MNIST or Fashion-MNIST), from TFDS or, with ``idx_dir``, from IDX files."""
+    config.data.dataset = dataset
+    if idx_dir is not None:
+        config.data.idx_dir = idx_dir
+
+
+def use_mlp(config: ml_collections.ConfigDict, width: int = 256, num_blocks: int = 3) -> None:
+    """The residual MLP of diffusion.models for 2-D and low-dimensional data."""
+    parameterization, time_input = config.model.parameterization, config.model.time_input
+    config.model = ml_collections.ConfigDict(
+        {
+            "name": "mlp",
+            "parameterization": parameterization,
+            "time_input": time_input,
+            "sigma_data": 0.5,
+            "num_classes": config_dict.placeholder(int),
+            "width": width,
+            "num_blocks": num_blocks,
+            "embedding_dim": 64,
+            "embedding_type": "positional",
+            "fourier_scale": 16.0,
+            "dropout": 0.0,
+            "scale_by_sigma": False,
+        }
+    )
+
+
+def ncsnpp_style(config: ml_collections.ConfigDict) -> None:
+    """NCSN++'s conditioning (Song et al. 2021): Fourier features of log sigma, output scaled by 1/sigma.
+
+    The network's raw output is then the score itself (parameterization 'score').
+    """
+    config.model.parameterization = "score"
+    config.model.time_input = "log_sigma"
+    config.model.embedding_type = "fourier"
+    config.model.scale_by_sigma = True
+    config.model.skip_rescale = True
+
+
+def ve_sigma_max_for(dataset: str) -> float:
+    """sigma_max by Song & Ermon 2020 (NCSNv2) technique 1: about the largest pairwise data distance.
+
+    Measured on [0, 1]-scaled data: Fashion-MNIST 22.4 (6,000 random training images), 8x8 digits 4.8;
+    MNIST shares Fashion-MNIST's 28x28 geometry; CIFAR-10 uses score_sde's 50.
+    """
+    return {"digits": 5.0, "cifar10": 50.0}.get(dataset, 25.0)
+
+
+# ------------------------------------------------------------------------------ the six views
+VIEWS = ("vp", "subvp", "ve", "ddpm", "smld", "edm")
+
+
+def set_view(config: ml_collections.ConfigDict, view: str, dataset: str) -> None:
+    """Process, parameterization, loss and sampler of one view of the model family, on ``dataset``.
+
+    vp / subvp: score_sde's continuous VP and sub-VP SDEs (beta 0.1 -> 20), eps prediction with a
+      999 t positional input, L_simple, reverse-SDE Euler-Maruyama with 1000 steps and a final
+      denoising step (score_sde's 'noise_removal').
+    ve: the VE SDE (sigma_min 0.01, sigma_max by NCSNv2's technique 1) on [0, 1] data with NCSN++'s
+      conditioning, lambda = sigma^2, PC sampling (reverse diffusion + Langevin, snr 0.16).
+    ddpm: Ho et al. 2020 as taught by Higham, Higham & Grindrod 2023: linear betas 1e-4 -> 0.02 over
+      T = 500 steps, eps loss on uniform integer steps, ancestral sampling with beta-tilde and no
+      noise at the last step (the final denoising step), network conditioned on the step index.
+    smld: NCSN (Song & Ermon 2019): 10 geometric levels 1 -> 0.01 on [0, 1] data, sigma^2-weighted
+      loss on uniform levels, annealed Langevin (100 steps per level, step_lr 2e-5) and a final
+      denoising step (NCSNv2).
+    edm: Karras et al. 2022: EDM preconditioning, loss weighting and log-normal noise levels; Heun on
+      the rho = 7 grid with 18 levels and the last step to sigma = 0 (35 NFE, their Alg. 1).
+    """
+    if view not in VIEWS:
+        raise ValueError(f"unknown view {view!r}; accepted: {', '.join(VIEWS)}")
+    if view in ("vp", "subvp"):
+        set_process(config, view, beta_min=0.1, beta_max=20.0)
+        config.sampling.method = "euler_maruyama"
+    elif view == "ve":
+        set_process(config, "ve", sigma_min=0.01, sigma_max=ve_sigma_max_for(dataset))
+        config.data.centered = False
+        ncsnpp_style(config)
+        config.training.weighting = "sigma_sq"
+        config.sampling.method = "pc"
+    elif view == "ddpm":
+        set_process(
+            config, "ddpm", num_steps=500, schedule="linear", beta_start=1e-4, beta_end=0.02
+        )
+        config.model.time_input = "index"
+        config.training.time_sampling = "discrete"
+        config.sampling.method = "ancestral"
+        config.sampling.grid = "linspace"
+        config.sampling.num_steps = 499
+    elif view == "smld":
+        set_process(config, "smld", num_levels=10, sigma_min=0.01, sigma_max=1.0)
+        config.data.centered = False
+        ncsnpp_style(config)
+        config.training.weighting = "sigma_sq"
+        config.training.time_sampling = "discrete"
+        config.sampling.method = "annealed_langevin"
+        config.sampling.grid = "linspace"
+        config.sampling.num_steps = 9
+        config.sampling.options.annealed_langevin.n_steps_each = 100
+        config.sampling.options.annealed_langevin.step_lr = 2e-5
+    else:  # edm
+        set_process(config, "edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+        config.model.parameterization = "edm"
+        config.model.time_input = "quarter_log_sigma"
+        config.training.weighting = "edm"
+        config.training.time_sampling = "log_normal"
+        config.sampling.method = "heun"
+        config.sampling.grid = "karras"
+        config.sampling.num_steps = 17
+
+
+def mnist_view_config(view: str, dataset: str = "mnist", idx_dir: str | None = None):
+    """A view of the family on 28x28x1 digits or fashion (TFDS, or IDX files with ``idx_dir``)."""
+    config = get_base_config()
+    mnist_like(config, dataset, idx_dir)
+    set_view(config, view, dataset)
+    if view == "ddpm":
+        # Higham et al.'s network size: residual and attention blocks, 12,908,113 parameters here.
+        config.model.nf = 48
+        config.model.ch_mult = (1, 2, 2, 4)
+        config.model.num_res_blocks = 3
+        config.model.attn_resolutions = (14, 7)
+    return config
+
+
+def toy_config(view: str, dataset: str = "ring8_2d"):
+    """A 2-D view: the residual MLP on ``dataset`` (an oracle preset has exact scores to compare with).
+
+    The network conditions on 999 t for every process (t maps monotonically to the noise level);
+    sampling is the probability-flow ODE with third-order multistep DPM-Solver.
+    """
+    config = get_base_config()
+    config.data.dataset = dataset
+    set_view(config, view, dataset)
+    config.model.parameterization = "eps"
+    config.model.time_input = "999t"
+    config.model.embedding_type = "positional"
+    config.model.scale_by_sigma = False
+    use_mlp(config)
+    config.training.weighting = "simple"
+    config.training.batch_size = 512
+    config.training.n_iters = 20_000
+    config.training.log_freq = 1000
+    config.training.snapshot_freq = 5000
+    config.training.checkpoint_freq = 5000
+    config.training.snapshot_num_samples = 2000
+    config.training.ema_decay = 0.999
+    config.training.ema_warmup = True
+    config.optim.lr = 1e-3
+    config.optim.warmup = 500
+    config.sampling.method = "dpm_solver_multistep"
+    config.sampling.grid = "uniform_log_snr"
+    config.sampling.num_steps = 50
+    config.sampling.num_samples = 5000
+    config.sampling.batch_size = 5000
+    config.eval.feature_extractor = "none"
+    config.eval.sweep_solvers = ("ddim", "heun", "dpm_solver_multistep", "dpm_solver_pp_2m")
+    config.eval.sweep_grids = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras")
+    config.eval.sweep_nfes = (5, 10, 20, 50)
+    config.eval.sweep_num_samples = 2000
+    return config
+
+
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"  # `apt install dataset-fashion-mnist`

@@ -1,0 +1,261 @@
+"""The experiments layer: every config builds, trains two steps and samples; the CLI end to end."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+from conftest import write_mnist_like_idx
+
+from diffusion import data
+from diffusion.metric_writers import read_scalars
+from experiments import run
+from experiments.build import ConfigError, build
+from experiments.evaluate import evaluate
+from experiments.sample import sample
+from experiments.sweep import sweep
+from experiments.train import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = run.available_configs()
+
+
+def load_config(name: str):
+    return importlib.import_module(f"experiments.configs.{name}").get_config()
+
+
+def shrink(config, image_size: int | None = None):
+    """Two training steps of a tiny network and a three-step sampler: the config's own process,
+    parameterization, loss and sampler, at a cost a test can pay."""
+    config.training.n_iters = 2
+    config.training.batch_size = 8  # divisible by the 4 simulated devices
+    config.training.log_freq = 1
+    config.training.checkpoint_freq = 2
+    config.training.snapshot_freq = 2
+    config.training.snapshot_num_samples = 2
+    config.sampling.num_steps = min(int(config.sampling.num_steps), 3)  # 3: multistep order 3
+    config.sampling.num_samples = 2
+    config.sampling.batch_size = 2
+    config.sampling.options.annealed_langevin.n_steps_each = 2
+    if config.model.name == "unet":
+        config.model.nf = 8
+        config.model.ch_mult = (1,)
+        config.model.num_res_blocks = 1
+        config.model.attn_resolutions = ()
+    else:
+        config.model.width = 16
+        config.model.num_blocks = 1
+    return config
+
+
+def test_there_are_the_promised_configs():
+    views = ("vp", "subvp", "ve", "ddpm", "smld", "edm")
+    expected = {f"{v}_{d}" for v in views for d in ("mnist", "fashion_mnist", "fashion_mnist_idx")}
+    expected |= {"vp_cifar10", "ve_cifar10", "vp_digits", "toy_vp", "toy_ve", "toy_subvp"}
+    assert expected <= set(CONFIGS)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_validates(name):
+    experiment = build(load_config(name))
+    assert experiment.param_count() > 0
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_every_config_trains_two_steps_and_samples(name, tmp_path):
+    config = shrink(load_config(name))
+    if config.data.idx_dir is not None:
+        config.data.idx_dir = write_mnist_like_idx(tmp_path)
+    experiment = build(config)
+    workdir = str(tmp_path / "run")
+    with tfds.testing.mock_data(num_examples=16):
+        state = train(experiment, workdir)
+    assert int(state.step) == 2
+    records = read_scalars(os.path.join(workdir, "metrics.jsonl"))
+    assert [r["step"] for r in records] == [1, 2]
+    assert all(np.isfinite(r["loss"]) for r in records)
+    assert os.path.exists(os.path.join(workdir, "samples", "samples_00000002.png"))
+    npz_path = sample(experiment, workdir)
+    with np.load(npz_path) as archive:
+        assert archive["samples"].shape == (2, *experiment.data_shape)
+        assert np.all(np.isfinite(archive["samples"]))
+
+
+# ------------------------------------------------------------------------------ bad configs
+@pytest.mark.parametrize(
+    ("name", "overrides", "fragment"),
+    [
+        ("ddpm_mnist", {"training.weighting": "likelihood"}, "config.training"),
+        ("vp_mnist", {"training.time_sampling": "discrete"}, "VPSDE"),
+        ("vp_mnist", {"model.time_input": "index"}, "config.model"),
+        ("vp_mnist", {"model.attn_resolutions": (16,)}, "config.model.attn_resolutions"),
+        ("vp_mnist", {"sampling.method": "rk4"}, "config.sampling.method"),
+        ("vp_mnist", {"sampling.grid": "trailing"}, "config.sampling"),
+        ("vp_mnist", {"process.beta_max": 0.01}, "config.process"),
+        ("vp_mnist", {"data.dataset": "imagenet"}, "config.data.dataset"),
+        ("vp_mnist", {"model.scale_by_sigma": True}, "config.model.scale_by_sigma"),
+        ("toy_vp", {"model.name": "unet"}, "config.model.name"),
+        ("vp_mnist", {"training.batch_size": 6}, "config.training.batch_size"),
+        ("vp_mnist", {"sampling.options.ddim.eta": 2.0}, "config.sampling.options.ddim"),
+    ],
+)
+def test_impossible_configs_are_rejected_naming_the_key(name, overrides, fragment):
+    config = load_config(name)
+    for key, value in overrides.items():
+        section, field = key.rsplit(".", 1)
+        node = config
+        for part in section.split("."):
+            node = node[part]
+        node[field] = value
+    if "sampling.options.ddim.eta" in overrides:
+        config.sampling.method = "ddim"
+    with pytest.raises(ConfigError) as info:
+        build(config)
+    assert fragment in str(info.value)
+
+
+def _cli(*arguments, timeout=600):
+    command = [sys.executable, "-m", "experiments.run", *arguments]
+    return subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+
+
+def _env():
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)  # the CLI runs on this machine's real devices
+    return env
+
+
+def test_cli_rejects_an_unknown_key_and_a_missing_dataset(tmp_path):
+    unknown = _cli("--config=vp_mnist", f"--workdir={tmp_path}", "--config.training.n_itres=5")
+    assert unknown.returncode != 0
+    assert "n_itres" in unknown.stderr
+    missing = _cli(
+        "--config=vp_mnist", f"--workdir={tmp_path}", f"--config.data.data_dir={tmp_path}/tfds"
+    )
+    assert missing.returncode != 0
+    message = missing.stderr
+    assert "mnist" in message and f"{tmp_path}/tfds" in message
+    assert "data_dir" in message and "idx_dir" in message
+    assert "Traceback" not in message
+    unknown_config = _cli("--config=vp_imagenet", f"--workdir={tmp_path}")
+    assert unknown_config.returncode != 0 and "vp_mnist" in unknown_config.stderr
+
+
+def _wait_for_checkpoint(directory, step, process, timeout):
+    start = time.time()
+    while time.time() - start < timeout:
+        if os.path.isdir(os.path.join(directory, str(step))):
+            return True
+        if process.poll() is not None:
+            return False
+        time.sleep(0.2)
+    return False
+
+
+def test_cli_train_kill_resume_sample_end_to_end(tmp_path):
+    """toy_vp through the CLI: killed after its first checkpoint, resumed, then sampled twice.
+    The resumed run ends with the parameters of an uninterrupted run, bitwise."""
+    common = [
+        "--config=toy_vp",
+        "--config.training.n_iters=400",
+        "--config.training.checkpoint_freq=20",
+        "--config.training.log_freq=20",
+        "--config.training.snapshot_freq=200",
+        "--config.training.snapshot_num_samples=64",
+        "--config.training.batch_size=64",
+        "--config.model.width=32",
+        "--config.sampling.num_samples=64",
+        "--config.sampling.batch_size=64",
+        "--config.sampling.num_steps=10",
+    ]
+    killed = str(tmp_path / "killed")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "experiments.run", f"--workdir={killed}", *common],
+        cwd=REPO,
+        env=_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert _wait_for_checkpoint(os.path.join(killed, "checkpoints"), 20, process, 300)
+        process.kill()
+        process.wait()
+    finally:
+        if process.poll() is None:
+            process.kill()
+    resumed = _cli(f"--workdir={killed}", *common)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed_from = int(resumed.stdout.split("resuming from the checkpoint at step ")[1].split()[0])
+    assert 20 <= resumed_from < 400  # killed mid-run
+    straight = str(tmp_path / "straight")
+    uninterrupted = _cli(f"--workdir={straight}", *common)
+    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
+
+    records = read_scalars(os.path.join(killed, "metrics.jsonl"))
+    steps = [r["step"] for r in records]
+    assert steps == sorted(set(steps)) and steps[-1] == 400  # no duplicated steps after resume
+    with open(os.path.join(killed, "config.json")) as file:
+        assert json.load(file)["training"]["n_iters"] == 400
+
+    outputs = []
+    for workdir in (killed, killed, straight):
+        result = _cli(f"--workdir={workdir}", "--mode=sample", *common)
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "NFE" in result.stdout
+        with np.load(os.path.join(workdir, "sample", "dpm_solver_multistep_step400.npz")) as f:
+            outputs.append(f["samples"])
+    np.testing.assert_array_equal(outputs[0], outputs[1])  # same checkpoint, config, seed
+    np.testing.assert_array_equal(outputs[0], outputs[2])  # resumed == uninterrupted
+    assert os.path.exists(os.path.join(killed, "sample", "dpm_solver_multistep_step400.png"))
+
+
+def test_eval_and_sweep_on_a_toy_run(tmp_path):
+    config = shrink(load_config("toy_vp"))
+    config.training.n_iters = 4
+    config.training.checkpoint_freq = 4
+    config.training.snapshot_freq = 4
+    config.eval.num_samples = 64
+    config.eval.sweep_num_samples = 32
+    config.eval.sweep_solvers = ("ddim", "dpm_solver_pp_2m")
+    config.eval.sweep_nfes = (4, 8)
+    config.eval.sweep_grids = ("uniform_t", "uniform_log_snr")
+    experiment = build(config)
+    workdir = str(tmp_path)
+    train(experiment, workdir)
+    record = evaluate(experiment, workdir)
+    for key in ("test_loss", "sliced_w2", "sliced_w2_noise_floor", "nfe", "ode_log_prob_per_dim"):
+        assert np.isfinite(record[key])
+    with open(os.path.join(workdir, "eval", "eval.json")) as file:
+        assert json.load(file)["step"] == 4
+    table = sweep(experiment, workdir)
+    assert "dpm_solver_pp_2m" in table and "uniform_log_snr" in table
+    for extension in ("csv", "md", "png", "json"):
+        assert os.path.exists(os.path.join(workdir, "sweep", f"sweep.{extension}"))
+
+
+def test_sweep_uses_the_exact_oracle_without_a_checkpoint(tmp_path):
+    config = load_config("toy_vp")
+    config.eval.sweep_num_samples = 32
+    config.eval.sweep_solvers = ("ddim",)
+    config.eval.sweep_nfes = (5, 10)
+    config.eval.sweep_grids = ("uniform_t",)
+    table = sweep(build(config), str(tmp_path))
+    rows = [line for line in table.splitlines() if line.startswith("| ddim")]
+    errors = [float(line.split("|")[6]) for line in rows]
+    assert len(errors) == 2 and errors[1] < errors[0]  # more steps, smaller discretisation error
+
+
+def test_digits_dataset_is_what_vp_digits_trains_on():
+    experiment = build(load_config("vp_digits"))
+    assert experiment.data_shape == (8, 8, 1)
+    assert experiment.load_split("train").num_examples == 1497
+    assert data.load_dataset("digits", "test").num_examples == 300
