@@ -37,7 +37,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import diffrax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,6 +45,7 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from diffusion.data import check_data_range
+from diffusion.flow import ADAPTIVE_SOLVERS, TIME_VARIABLES, probability_flow, solve_adaptive
 from diffusion.parameterization import Denoiser
 from diffusion.processes import Process
 from diffusion.shapes import sum_except_batch
@@ -53,8 +53,6 @@ from diffusion.shapes import sum_except_batch
 __all__ = [
     "DIVERGENCES",
     "PROBES",
-    "SOLVERS",
-    "TIME_VARIABLES",
     "LikelihoodResult",
     "bits_per_dim_from_log_prob",
     "dequantize",
@@ -67,8 +65,6 @@ __all__ = [
 
 DIVERGENCES = ("exact", "hutchinson")
 PROBES = ("rademacher", "gaussian")
-TIME_VARIABLES = ("t", "log_snr")
-SOLVERS: dict[str, type[diffrax.AbstractERK]] = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5}
 
 
 def _unknown(kind: str, value: object, accepted: Sequence[str]) -> ValueError:
@@ -138,28 +134,6 @@ def sample_probes(key: Array, shape: tuple[int, ...], probe: str, dtype=None) ->
 
 
 # ================================================================================ the ODE
-def _initial_step(
-    state: tuple[Array, Array], velocity: tuple[Array, Array], rtol: float, atol: float
-) -> Array:
-    """First step size 0.01 ||y0|| / ||f(y0)|| in the tolerance-scaled RMS norm.
-
-    The first guess of Hairer, Norsett & Wanner ("Solving ODEs I", Sec. II.4, steps a-b), from the
-    vector field at the start, which the solve reuses as its first stage (no extra evaluation).
-    """
-    leaves, velocity_leaves = jax.tree.leaves(state), jax.tree.leaves(velocity)
-    scales = [atol + rtol * jnp.abs(leaf) for leaf in leaves]
-
-    def scaled_rms(values):
-        squares = [
-            jnp.sum((value / scale) ** 2) for value, scale in zip(values, scales, strict=True)
-        ]
-        return jnp.sqrt(sum(squares) / sum(leaf.size for leaf in leaves))
-
-    state_norm, velocity_norm = scaled_rms(leaves), scaled_rms(velocity_leaves)
-    tiny = (state_norm < 1e-5) | (velocity_norm < 1e-5)
-    return jnp.where(tiny, 1e-6, 0.01 * state_norm / jnp.where(tiny, 1.0, velocity_norm))
-
-
 def _check_options(
     process: Process,
     t0: float,
@@ -176,8 +150,8 @@ def _check_options(
         raise _unknown("divergence", divergence, DIVERGENCES)
     if probe not in PROBES:
         raise _unknown("probe", probe, PROBES)
-    if solver not in SOLVERS:
-        raise _unknown("solver", solver, tuple(SOLVERS))
+    if solver not in ADAPTIVE_SOLVERS:
+        raise _unknown("solver", solver, tuple(ADAPTIVE_SOLVERS))
     if time_variable not in TIME_VARIABLES:
         raise _unknown("time_variable", time_variable, TIME_VARIABLES)
     if not (isinstance(rtol, float | int) and math.isfinite(rtol) and rtol > 0):
@@ -196,43 +170,20 @@ def _check_options(
 
 
 @dataclasses.dataclass(frozen=True)
-class _AugmentedVectorField:
-    """d/ds [x, delta] = [dx/ds, div_x dx/ds] for the probability-flow ODE in the variable s.
+class _AugmentedField:
+    """d/dt [x, delta] = [v(x, t), div_x v(x, t)], v the probability-flow drift (Song et al. 2021,
+    eq. 13; Chen et al. 2018, Thm 1). args = (denoiser, probes or None, model_kwargs)."""
 
-    s = t ('t'), or s = -lambda(t) ('log_snr': minus the half log-SNR, increasing in t). In either
-    variable dx/ds = v(x, t(s)) dt/ds with v = f x - g^2/2 score (Song et al. 2021, eq. 13), and
-    dt/ds = -1 / (d lambda / dt) for s = -lambda. Hashable, so diffrax reuses its compilation across
-    calls with the same options and shapes.
-    """
-
-    time_variable: str
-
-    def __call__(self, s: Array, state: tuple[Array, Array], args) -> tuple[Array, Array]:
+    def __call__(self, t: Array, state: tuple[Array, Array], args) -> tuple[Array, Array]:
         denoiser, probes, model_kwargs = args
-        process = denoiser.process
-        if self.time_variable == "t":
-            t, dt_ds = s, 1.0
-        else:
-            t = process.t_from_log_snr(-s)
-            dlambda_dt = jax.jvp(process.log_snr, (t,), (jnp.ones_like(t),))[1]
-            dt_ds = -1.0 / dlambda_dt
 
         def velocity(x_in: Array) -> Array:
-            # Probability-flow ODE drift f x - g^2/2 score (Song et al. 2021, eq. 13), times dt/ds.
-            linear_drift, diffusion = process.sde(x_in, t)
-            score = denoiser.score(x_in, t, **model_kwargs)
-            return dt_ds * (linear_drift - 0.5 * diffusion**2 * score)
+            return probability_flow(denoiser, x_in, t, **model_kwargs)
 
-        x_s, _ = state
+        x_t, _ = state
         if probes is None:
-            return exact_divergence(velocity, x_s)
-        return hutchinson_divergence(velocity, x_s, probes)
-
-
-def _integration_interval(process, t0: float, time_variable: str) -> tuple[Array, Array]:
-    if time_variable == "t":
-        return jnp.asarray(t0), jnp.asarray(process.T)
-    return -process.log_snr(t0), -process.log_snr(process.T)
+            return exact_divergence(velocity, x_t)
+        return hutchinson_divergence(velocity, x_t, probes)
 
 
 @functools.partial(
@@ -253,32 +204,20 @@ def _solve_flow(
 ) -> tuple[Array, Array, Array]:
     """(x_T, int div v, NFE): the augmented probability-flow ODE solved from (x, 0) at t0 to T."""
     process = denoiser.process
-    s0, s1 = _integration_interval(process, t0, time_variable)
-    term = diffrax.ODETerm(_AugmentedVectorField(time_variable))
-    args = (denoiser, probes, model_kwargs)
-    state0 = (x, jnp.zeros(x.shape[:1], x.dtype))
-    velocity0 = term.vf(s0, state0, args)
-    # Both solvers are FSAL: their state is (first_step, f0). Handing them f0 = v(s0, state0) makes
-    # every attempted step, accepted or rejected, cost exactly the stages after the first (diffrax
-    # would otherwise re-evaluate the first stage until the first step is accepted), so that
-    # NFE = 1 + (stages - 1) * num_steps (Dormand & Prince 1980; Tsitouras 2011).
-    ode_solver = SOLVERS[solver]()
-    solution = diffrax.diffeqsolve(
-        term,
-        ode_solver,
-        t0=s0,
-        t1=s1,
-        dt0=jnp.minimum(_initial_step(state0, velocity0, rtol, atol), s1 - s0),
-        y0=state0,
-        args=args,
-        saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
-        solver_state=(jnp.array(False), velocity0),
+    (x_T, delta_log_prob), nfe = solve_adaptive(
+        _AugmentedField(),
+        (x, jnp.zeros(x.shape[:1], x.dtype)),
+        jnp.asarray(t0, x.dtype),
+        jnp.asarray(process.T, x.dtype),
+        (denoiser, probes, model_kwargs),
+        process=process,
+        time_variable=time_variable,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
         max_steps=max_steps,
     )
-    x_T, delta_log_prob = (leaf[-1] for leaf in solution.ys)
-    nfe = 1 + len(ode_solver.tableau.c) * solution.stats["num_steps"]
-    return x_T, delta_log_prob, jnp.asarray(nfe, jnp.int32)
+    return x_T, delta_log_prob, nfe
 
 
 def ode_log_likelihood(

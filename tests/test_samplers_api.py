@@ -146,6 +146,7 @@ def vp_denoiser():
         ("adaptive", {"solver": "rk4"}, "solver='rk4' is not one of"),
         ("adaptive", {"rtol": 0.0}, "rtol"),
         ("adaptive", {"max_steps": 0}, "max_steps"),
+        ("adaptive", {"time_variable": "sigma"}, "time_variable='sigma' is not one of"),
         ("euler", {"t_end": 0.0}, "outside the process's interval"),
         ("euler", {"t_start": 1.5}, "outside the process's interval"),
         ("euler", {"grid": "trailing"}, "needs a discrete chain"),

@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import math
 
-import diffrax
 import jax.numpy as jnp
 from jax import Array
 
+from diffusion.flow import ADAPTIVE_SOLVERS, TIME_VARIABLES, probability_flow, solve_adaptive
 from diffusion.parameterization import Denoiser
 from diffusion.samplers.base import (
     SampleResult,
@@ -38,25 +38,13 @@ from diffusion.samplers.base import (
 )
 
 __all__ = [
-    "ADAPTIVE_SOLVERS",
     "adaptive",
     "edm_stochastic",
     "euler",
     "euler_step",
     "heun",
     "heun_step",
-    "probability_flow",
 ]
-
-
-def probability_flow(denoiser: Denoiser, x: Array, t: Array) -> Array:
-    """dx/dt of the probability-flow ODE at (x, t) (Song et al. 2021, eq. 13): one network evaluation.
-
-    f x - g^2/2 score, written as f x + g^2 / (2 sigma) eps (score = -eps / sigma).
-    """
-    process = denoiser.process
-    eps_pred = denoiser.eps(x, t)
-    return process.drift_coef(t) * x + 0.5 * process.diffusion_sq(t) / process.sigma(t) * eps_pred
 
 
 def euler_step(denoiser: Denoiser, x: Array, t: Array, s: Array) -> Array:
@@ -151,11 +139,6 @@ def edm_stochastic(
 
 
 # Explicit Runge-Kutta pairs with first-same-as-last (FSAL): (diffrax class, stages).
-ADAPTIVE_SOLVERS = {"dopri5": (diffrax.Dopri5, 7), "tsit5": (diffrax.Tsit5, 7)}
-# The first trial step, as a fraction of the interval; the PID controller adapts it from there.
-INITIAL_STEP_FRACTION = 1e-2
-
-
 def adaptive(
     denoiser: Denoiser,
     key: Array,
@@ -166,37 +149,34 @@ def adaptive(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 4096,
+    time_variable: str = "t",
 ) -> SampleResult:
     """Adaptive Runge-Kutta solve of the probability-flow ODE from times[0] to times[-1] (diffrax).
 
     Only the grid's end points matter. ``solver``: 'dopri5' (Dormand & Prince 1980, the RK45 of
     score_sde's ODE sampler) or 'tsit5' (Tsitouras 2011); ``rtol``/``atol`` feed diffrax's PID
-    controller (score_sde: 1e-5 both); the first trial step is 1% of the interval; hitting
-    ``max_steps`` raises at run time. The whole batch shares one step size (the error norm is over
-    the batch, as score_sde's flattened solve). NFE = 1 (the slope at times[0]) + (stages - 1) per
-    attempted step, accepted or rejected (first-same-as-last), from the solver's step count.
-    ``key`` is unused.
+    controller (score_sde: 1e-5 both); ``time_variable`` 't' or 'log_snr' (use 'log_snr' for DDPM's
+    piecewise continuous view); hitting ``max_steps`` raises at run time. The whole batch shares one
+    step size. NFE is exact (see ``diffusion.flow.solve_adaptive``). ``key`` is unused.
     """
-    solver_class, stages = ADAPTIVE_SOLVERS[solver]
-    term = diffrax.ODETerm(lambda t, x, args: probability_flow(args, x, t))
-    initial_slope = probability_flow(denoiser, x_init, times[0])
-    # diffrax's FSAL state is (first_step, f0); with first_step=False the first stage is reused,
-    # also on retries of a rejected first step (the NFE test in tests/ guards this layout).
-    solution = diffrax.diffeqsolve(
-        term,
-        solver_class(),
-        t0=times[0],
-        t1=times[-1],
-        dt0=INITIAL_STEP_FRACTION * (times[-1] - times[0]),
-        y0=x_init,
-        args=denoiser,
-        saveat=diffrax.SaveAt(t1=True),
-        stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+    x_end, nfe = solve_adaptive(
+        _probability_flow_field,
+        x_init,
+        times[0],
+        times[-1],
+        denoiser,
+        process=denoiser.process,
+        time_variable=time_variable,
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
         max_steps=max_steps,
-        solver_state=(jnp.asarray(False), initial_slope),
     )
-    nfe = 1 + (stages - 1) * solution.stats["num_steps"]
-    return SampleResult(samples=solution.ys[-1], nfe=jnp.asarray(nfe, dtype=jnp.int32))
+    return SampleResult(samples=x_end, nfe=nfe)
+
+
+def _probability_flow_field(t: Array, x: Array, denoiser: Denoiser) -> Array:
+    return probability_flow(denoiser, x, t)
 
 
 # ================================================================================ registry
@@ -213,8 +193,11 @@ def _validate_edm_stochastic(
     require_real("S_noise", S_noise, low=0.0)
 
 
-def _validate_adaptive(*, solver: str, rtol: float, atol: float, max_steps: int) -> None:
+def _validate_adaptive(
+    *, solver: str, rtol: float, atol: float, max_steps: int, time_variable: str
+) -> None:
     require_choice("solver", solver, tuple(ADAPTIVE_SOLVERS))
+    require_choice("time_variable", time_variable, TIME_VARIABLES)
     require_real("rtol", rtol, low=0.0, low_open=True)
     require_real("atol", atol, low=0.0, low_open=True)
     require_int("max_steps", max_steps, low=1)
