@@ -238,6 +238,26 @@ def test_sweep_hits_each_nfe_and_records_errors_against_the_reference():
     assert by_key[("adaptive", "uniform_t", None)]["error_rmse"] < 1e-3
 
 
+def test_sweep_skips_index_grids_that_do_not_span_the_reference_interval():
+    """'trailing' with 10 of DDPM's 1000 steps ends at t = 0.1, 'linspace' spans [1/N, 1]."""
+    process = P.DDPM(num_steps=1000)
+    denoiser = O.preset("gaussian_2d").denoiser(process)
+    x_init = process.prior_sample(jax.random.PRNGKey(0), (8, 2))
+    records = sweep(
+        denoiser,
+        jax.random.PRNGKey(1),
+        x_init,
+        x_init,
+        solvers=[("ddim", {})],
+        nfes=[10],
+        grids=["linspace", "trailing"],
+        repeats=1,
+    )
+    by_grid = {r["grid"]: r for r in records}
+    assert by_grid["linspace"]["skipped"] is None
+    assert "not comparable" in by_grid["trailing"]["skipped"]
+
+
 def test_sweep_counts_the_final_denoising_step_and_validates_first():
     net, denoiser = vp_denoiser()
     x_init = jnp.zeros((4, 2))

@@ -87,6 +87,8 @@ def sweep(
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
     final_nfe = int(denoise_final)
+    # Every run must span the reference's interval (index grids such as 'trailing' may not).
+    span = time_grid(denoiser.process, "uniform_t", 1, t_start=t_start, t_end=t_end)
 
     records = []
     for spec, full_options, given_options in checked:
@@ -117,6 +119,7 @@ def sweep(
                     times = time_grid(
                         denoiser.process, grid, num_steps, **_end_points(grid, t_start, t_end, rho)
                     )
+                    _check_span(times, span)
                 except ValueError as error:
                     record["skipped"] = str(error)
                     continue
@@ -142,6 +145,14 @@ def _is_adaptive(spec: SamplerSpec, options: dict[str, Any]) -> bool:
         return spec.nfe(1, **options) is None
     except ValueError:  # e.g. a multistep solver needs more steps than one: a fixed-NFE solver
         return False
+
+
+def _check_span(times: Array, span: Array) -> None:
+    if not np.allclose(np.asarray(times)[[0, -1]], np.asarray(span), rtol=1e-6, atol=0.0):
+        raise ValueError(
+            f"this grid runs from t = {float(times[0]):.6g} to {float(times[-1]):.6g}, the reference "
+            f"from {float(span[0]):.6g} to {float(span[-1]):.6g}: its error is not comparable"
+        )
 
 
 def _end_points(
