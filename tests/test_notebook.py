@@ -1,0 +1,36 @@
+"""The Colab notebook runs top to bottom on the toy config (executed with nbclient)."""
+
+import os
+
+import nbformat
+from nbclient import NotebookClient
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NOTEBOOK = os.path.join(REPO, "experiments", "notebooks", "solver_sweep.ipynb")
+
+
+def test_solver_sweep_notebook_executes_on_the_toy_config(tmp_path):
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    parameters = next(c for c in notebook.cells if c.source.startswith("# Parameters"))
+    parameters.source = "\n".join(
+        [
+            "# Parameters (test values)",
+            'CONFIG = "toy_vp"',
+            f'WORKDIR = "{tmp_path}/run"',
+            "TRAIN_STEPS = 200",
+            'SOLVERS = ("ddim", "dpm_solver_pp_2m")',
+            "NFES = (5, 10)",
+            'GRIDS = ("uniform_t", "uniform_log_snr")',
+            "NUM_SAMPLES = 128",
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    client = NotebookClient(
+        notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": REPO}}
+    )
+    client.execute(env=env)
+    outputs = "".join(
+        output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
+    )
+    assert "best at 10 NFE:" in outputs
+    assert os.path.exists(os.path.join(tmp_path, "run", "notebook_sweep.png"))
