@@ -129,14 +129,21 @@ def save_image_grid(
     num_columns: int | None = None,
     padding: int = 2,
     pad_value: int = 0,
+    scale: int | None = None,
 ) -> np.ndarray:
     """Write float images (N, H, W, C) in ``data_range`` as one PNG grid; return the uint8 grid.
 
-    ``to_uint8`` then ``make_grid`` (see both for the mapping and the layout), then ``save_png``.
+    ``to_uint8``, each pixel repeated ``scale`` times along both axes (nearest neighbour; None:
+    ``max(1, 64 // max(H, W))``, so 8x8 digits are drawn 64 pixels wide and 28x28 ones 56), then
+    ``make_grid`` (see both for the mapping and the layout) and ``save_png``.
     """
-    grid = make_grid(
-        to_uint8(images, data_range), num_columns=num_columns, padding=padding, pad_value=pad_value
-    )
+    pixels = to_uint8(images, data_range)
+    if scale is None:
+        scale = max(1, 64 // max(pixels.shape[1:3]))
+    if not (isinstance(scale, int) and scale >= 1):
+        raise ValueError(f"scale must be an integer >= 1, got {scale!r}")
+    pixels = pixels.repeat(scale, axis=1).repeat(scale, axis=2)
+    grid = make_grid(pixels, num_columns=num_columns, padding=padding, pad_value=pad_value)
     save_png(path, grid)
     return grid
 

@@ -65,7 +65,7 @@ def test_make_grid_rejects_bad_input():
 def test_save_image_grid_writes_a_readable_png(tmp_path, channels, mode):
     samples = np.random.default_rng(1).uniform(-1.0, 1.0, size=(6, 8, 7, channels))
     path = tmp_path / "nested" / "dir" / "grid.png"
-    grid = images.save_image_grid(path, samples, (-1.0, 1.0), num_columns=3, padding=1)
+    grid = images.save_image_grid(path, samples, (-1.0, 1.0), num_columns=3, padding=1, scale=1)
     with Image.open(path) as picture:
         assert picture.format == "PNG" and picture.mode == mode
         assert picture.size == (3 * (7 + 1) + 1, 2 * (8 + 1) + 1)  # (width, height)
@@ -73,6 +73,20 @@ def test_save_image_grid_writes_a_readable_png(tmp_path, channels, mode):
     np.testing.assert_array_equal(pixels.reshape(grid.shape), grid)
     np.testing.assert_array_equal(grid[1:9, 1:8], images.to_uint8(samples[0]))
     assert sorted(entry.name for entry in path.parent.iterdir()) == ["grid.png"]
+
+
+def test_small_images_are_enlarged_pixel_by_pixel(tmp_path):
+    samples = np.random.default_rng(2).uniform(-1.0, 1.0, size=(4, 8, 8, 1))
+    grid = images.save_image_grid(tmp_path / "g.png", samples, num_columns=2, padding=0)
+    assert grid.shape == (2 * 64, 2 * 64, 1)  # 8 pixels -> 64 by default
+    np.testing.assert_array_equal(
+        grid[:8, :8, 0], np.full((8, 8), images.to_uint8(samples[0])[0, 0, 0])
+    )
+    np.testing.assert_array_equal(grid[::8, ::8][:8, :8], images.to_uint8(samples[0]))
+    big = images.save_image_grid(tmp_path / "b.png", samples, num_columns=2, padding=0, scale=3)
+    assert big.shape == (48, 48, 1)
+    with pytest.raises(ValueError, match="scale"):
+        images.save_image_grid(tmp_path / "c.png", samples, scale=0)
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary(tmp_path):

@@ -137,10 +137,10 @@ def test_images_go_to_png_npz_and_tensorboard(tmp_path):
     assert png_path == os.path.join(tmp_path, "samples", "samples_00000005.png")
     with Image.open(png_path) as picture:
         grid = np.asarray(picture)
-    # ceil(sqrt(6)) = 3 columns, 2 rows of 8 x 8 images with 2-pixel padding.
-    assert grid.shape == (2 * (8 + 2) + 2, 3 * (8 + 2) + 2)
-    np.testing.assert_array_equal(grid[2:10, 2:10], to_uint8(images[0])[..., 0])
-    np.testing.assert_array_equal(grid[12:20, 12:20], to_uint8(images[4])[..., 0])
+    # ceil(sqrt(6)) = 3 columns, 2 rows of 8 x 8 images drawn 64 x 64, with 2-pixel padding.
+    assert grid.shape == (2 * (64 + 2) + 2, 3 * (64 + 2) + 2)
+    np.testing.assert_array_equal(grid[2:66:8, 2:66:8], to_uint8(images[0])[..., 0])
+    np.testing.assert_array_equal(grid[68:132:8, 68:132:8], to_uint8(images[4])[..., 0])
     with np.load(npz_path) as saved:
         np.testing.assert_array_equal(saved["samples"], images)
     encoded = [
