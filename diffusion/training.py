@@ -20,6 +20,7 @@ labelled with the step reached after the update, so the first update is logged a
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
@@ -563,7 +564,15 @@ def train_loop(
     window: list[Metrics] = []
     last_summary: dict[str, float] | None = None
     window_start_step, window_start_time = step, time.perf_counter()
-    progress_bar = tqdm(total=num_steps, initial=step, disable=not progress, unit="step")
+    # Redirected to a log file, a bar redrawn ten times a second buries the summary lines.
+    interactive = sys.stderr.isatty() or "ipykernel" in sys.modules
+    progress_bar = tqdm(
+        total=num_steps,
+        initial=step,
+        disable=not progress,
+        unit="step",
+        mininterval=0.1 if interactive else 30.0,
+    )
     try:
         while step < num_steps:
             num_updates = min(steps_per_call - step % steps_per_call, num_steps - step)
