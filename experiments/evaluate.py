@@ -37,9 +37,6 @@ from experiments.workdir import restore_ema_params
 
 __all__ = ["evaluate", "load_or_train_classifier"]
 
-# In-project classifier settings (measured accuracies are in the README).
-CLASSIFIER_SETTINGS = dict(batch_size=128, learning_rate=2e-3, max_shift=2)
-
 
 def _write_json(path: str, record: dict[str, Any]) -> None:
     text = json.dumps(record, indent=2, sort_keys=True).encode()
@@ -50,44 +47,46 @@ def _write_json(path: str, record: dict[str, Any]) -> None:
 def load_or_train_classifier(experiment: Experiment, eval_dir: str) -> tuple[Any, float]:
     """(params, test accuracy) of the in-project classifier for the experiment's dataset.
 
-    Trained once on the training split (in [-1, 1]) and cached in ``eval_dir``.
+    Trained once on the training split (in [-1, 1]) and cached in ``eval_dir`` (created if needed),
+    keyed by its settings (config.eval.classifier_*, seed): other settings train a new one.
     """
+    os.makedirs(eval_dir, exist_ok=True)
     dataset = experiment.config.data.dataset
     params_path = os.path.join(eval_dir, f"classifier_{dataset}.msgpack")
     info_path = os.path.join(eval_dir, f"classifier_{dataset}.json")
     train_split, test_split = experiment.load_split("train"), experiment.load_split("test")
     train_images = data.uint8_to_float(train_split.images, (-1.0, 1.0))
     test_images = data.uint8_to_float(test_split.images, (-1.0, 1.0))
-    steps = int(experiment.config.eval.classifier_steps)
+    eval_config = experiment.config.eval
+    settings = dict(
+        steps=int(eval_config.classifier_steps),
+        batch_size=int(eval_config.classifier_batch_size),
+        learning_rate=float(eval_config.classifier_learning_rate),
+        max_shift=int(eval_config.classifier_max_shift),
+        weight_decay=float(eval_config.classifier_weight_decay),
+        seed=int(experiment.config.seed),
+    )
     if os.path.exists(params_path) and os.path.exists(info_path):
         with open(info_path) as file:
             info = json.load(file)
-        if info.get("steps") == steps:
+        if info.get("settings") == settings:
             with open(params_path, "rb") as file:
                 params = flax.serialization.msgpack_restore(file.read())
             return params, float(info["test_accuracy"])
     start = time.perf_counter()
     params = classifier.train_classifier(
-        train_images,
-        train_split.labels,
-        num_classes=train_split.num_classes,
-        steps=steps,
-        seed=int(experiment.config.seed),
-        **CLASSIFIER_SETTINGS,
+        train_images, train_split.labels, num_classes=train_split.num_classes, **settings
     )
     accuracy = classifier.classifier_accuracy(params, test_images, test_split.labels)
     payload = flax.serialization.to_bytes(params)
     write_atomically(params_path, lambda file: file.write(payload))
-    _write_json(
-        info_path,
-        {
-            "dataset": dataset,
-            "steps": steps,
-            "test_accuracy": accuracy,
-            "train_seconds": time.perf_counter() - start,
-            **CLASSIFIER_SETTINGS,
-        },
-    )
+    record = {
+        "dataset": dataset,
+        "settings": settings,
+        "test_accuracy": accuracy,
+        "train_seconds": time.perf_counter() - start,
+    }
+    _write_json(info_path, record)
     print(f"trained the {dataset} classifier: test accuracy {accuracy:.4f}")
     return params, accuracy
 
@@ -269,6 +268,14 @@ def evaluate(experiment: Experiment, workdir: str, *, checkpoint_step: int | Non
             stats_gen = metrics.feature_statistics(generated)
             record[f"fd_{extractor}"] = metrics.frechet_distance(
                 stats_gen.mean, stats_gen.covariance, stats_ref.mean, stats_ref.covariance
+            )
+            # The floor: as many real training images as samples, against the same test features.
+            train_images = experiment.load_split("train").images
+            chosen = np.random.default_rng(0).permutation(len(train_images))[: len(samples)]
+            real = data.uint8_to_float(train_images[chosen], experiment.data_range)
+            stats_real = metrics.feature_statistics(np.asarray(features_fn(real)))
+            record[f"fd_{extractor}_train_data"] = metrics.frechet_distance(
+                stats_real.mean, stats_real.covariance, stats_ref.mean, stats_ref.covariance
             )
             subset = min(1000, len(generated), len(reference))
             kid_mean, kid_std = metrics.kernel_inception_distance(

@@ -20,7 +20,7 @@ from experiments import run
 from experiments.build import ConfigError, build
 from experiments.evaluate import evaluate
 from experiments.sample import sample
-from experiments.sweep import sweep
+from experiments.sweep import sweep, sweep_markdown
 from experiments.train import train
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -242,6 +242,36 @@ def test_eval_and_sweep_on_a_toy_run(tmp_path):
         assert os.path.exists(os.path.join(workdir, "sweep", f"sweep.{extension}"))
 
 
+def test_eval_on_images_writes_every_metric_and_caches_the_classifier(tmp_path):
+    config = shrink(load_config("vp_digits"))
+    config.eval.num_samples = 40
+    config.eval.batch_size = 8
+    config.eval.bpd_num_examples = 4
+    config.eval.classifier_steps = 30
+    experiment = build(config)
+    workdir = str(tmp_path)
+    train(experiment, workdir)
+    record = evaluate(experiment, workdir)
+    for key in ("test_loss", "bits_per_dim", "fd_classifier", "fd_classifier_train_data"):
+        assert np.isfinite(record[key]) and record[key] > 0, key
+    assert record["bits_per_dim_num_examples"] == 4
+    assert sum(record["class_histogram"]) == 40 and len(record["class_histogram"]) == 10
+    assert 0.0 <= record["class_chi_square_p_value"] <= 1.0
+    assert 0.0 <= record["classifier_test_accuracy"] <= 1.0
+    # A second evaluation reuses the cached classifier; other settings train a new one.
+    config.eval.bpd = False
+    info = os.path.join(workdir, "eval", "classifier_digits.json")
+    first_write = os.stat(info).st_mtime_ns
+    assert evaluate(build(config), workdir)["classifier_test_accuracy"] == pytest.approx(
+        record["classifier_test_accuracy"]
+    )
+    assert os.stat(info).st_mtime_ns == first_write
+    config.eval.classifier_steps = 31
+    evaluate(build(config), workdir)
+    with open(info) as file:
+        assert json.load(file)["settings"]["steps"] == 31
+
+
 def test_sweep_uses_the_exact_oracle_without_a_checkpoint(tmp_path):
     config = load_config("toy_vp")
     config.eval.sweep_num_samples = 32
@@ -252,6 +282,16 @@ def test_sweep_uses_the_exact_oracle_without_a_checkpoint(tmp_path):
     rows = [line for line in table.splitlines() if line.startswith("| ddim")]
     errors = [float(line.split("|")[6]) for line in rows]
     assert len(errors) == 2 and errors[1] < errors[0]  # more steps, smaller discretisation error
+
+
+def test_sweep_table_has_a_metric_column_only_when_there_is_a_metric():
+    record = dict(solver="ddim", grid="uniform_t", nfe_target=10, nfe=10, num_steps=10)
+    record.update(error_rmse=0.125, metric=None, seconds=1.0, skipped=None)
+    header = sweep_markdown([record]).splitlines()[0]
+    assert header == "| solver | grid | nfe_target | nfe | num_steps | error_rmse | seconds |"
+    with_metric = sweep_markdown([{**record, "metric": 0.5}], "sliced_w2").splitlines()
+    assert "| error_rmse | sliced_w2 | seconds |" in with_metric[0]
+    assert with_metric[2].endswith("| 0.125 | 0.5 | 1 |")
 
 
 def test_digits_dataset_is_what_vp_digits_trains_on():

@@ -31,4 +31,9 @@ def get_config():
     config.sampling.num_samples = 100
     config.sampling.batch_size = 100
     config.eval.num_samples = 500
+    # 8x8 digits: 98.3-99.0% test accuracy over seeds with these settings.
+    config.eval.classifier_steps = 1500
+    config.eval.classifier_learning_rate = 2e-3
+    config.eval.classifier_max_shift = 1
+    config.eval.classifier_weight_decay = 0.05
     return config
