@@ -16,8 +16,9 @@ compile_s is the first call's wall time minus one timed step (compilation and fi
 
     python -m benchmarks.train_throughput [--quick] [--steps=N] [--batch-size=B]   (from the repo root)
 
-On a 2-core CPU one step of batch 128 takes about half a minute and each case compiles for one to
-two minutes, so even --quick (one timed step per case) takes several minutes there.
+On a quiet 2-core CPU one step of batch 128 takes about 10 s and each case compiles in about 20 s:
+--steps=3 takes about 3 minutes there, the default 10 steps about 6 (benchmarks/results/ holds a
+--steps=3 run).
 
 prints one JSON object: {"records": [{devices, wrapper, batch_size, examples_per_s, steps_per_s,
 param_count, compile_s, timed_steps, platform, device_kind}, ...], "quick": bool}.
