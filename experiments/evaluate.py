@@ -91,15 +91,22 @@ def load_or_train_classifier(experiment: Experiment, eval_dir: str) -> tuple[Any
     return params, accuracy
 
 
+def _centered(experiment: Experiment, images: np.ndarray) -> np.ndarray:
+    """Images of the experiment's data range in [-1, 1], the feature extractors' input range."""
+    lo, hi = experiment.data_range
+    if (lo, hi) == (-1.0, 1.0):
+        return images  # unchanged, bit for bit
+    return (np.asarray(images) - lo) * (2.0 / (hi - lo)) - 1.0
+
+
 def _features_fn(experiment: Experiment, eval_dir: str, record: dict[str, Any]):
     """features(images in the data range) -> (N, d) for the configured extractor, or None."""
     extractor = experiment.config.eval.feature_extractor
-    to_centered = (lambda x: x) if experiment.data_range == (-1.0, 1.0) else (lambda x: 2 * x - 1)
     if extractor == "classifier":
         params, accuracy = load_or_train_classifier(experiment, eval_dir)
         record["classifier_test_accuracy"] = accuracy
         return lambda images: classifier.classifier_logits_and_features(
-            params, to_centered(images)
+            params, _centered(experiment, images)
         )[1]
     if extractor == "inception":
         from diffusion.models import inception
@@ -115,7 +122,9 @@ def _features_fn(experiment: Experiment, eval_dir: str, record: dict[str, Any]):
 
         def features(images):
             batches = [
-                np.asarray(inception.inception_pool3_features(variables, to_centered(batch)))
+                np.asarray(
+                    inception.inception_pool3_features(variables, _centered(experiment, batch))
+                )
                 for batch in np.array_split(images, max(1, len(images) // 100))
             ]
             return np.concatenate(batches)
@@ -284,8 +293,9 @@ def evaluate(experiment: Experiment, workdir: str, *, checkpoint_step: int | Non
             record.update({f"kid_{extractor}": kid_mean, f"kid_{extractor}_std": kid_std})
         if config.eval.feature_extractor == "classifier":
             params_classifier, _ = load_or_train_classifier(experiment, eval_dir)
-            to_centered = 2 * samples - 1 if experiment.data_range == (0.0, 1.0) else samples
-            logits, _ = classifier.classifier_logits_and_features(params_classifier, to_centered)
+            logits, _ = classifier.classifier_logits_and_features(
+                params_classifier, _centered(experiment, samples)
+            )
             counts = metrics.class_histogram(logits.argmax(axis=1), logits.shape[1])
             chi2 = metrics.chi_square_to_uniform(counts)
             record.update(
