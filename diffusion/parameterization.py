@@ -16,6 +16,7 @@ and solvers consume those views only.
 
 from __future__ import annotations
 
+import abc
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "PARAMETERIZATIONS",
     "TIME_INPUTS",
     "Denoiser",
+    "DenoiserViews",
     "edm_preconditioning",
     "eps_x0_from_prediction",
     "network_time",
@@ -152,8 +154,37 @@ def network_time(process: Process, t: ArrayLike, time_input: str) -> Array:
     raise ValueError(f"unknown time_input {time_input!r}; accepted: {', '.join(TIME_INPUTS)}")
 
 
+class DenoiserViews(abc.ABC):
+    """The eps / x0 / score views of anything with a ``process`` and a ``predict(x, t) -> (eps, x0)``.
+
+    Samplers, losses and likelihoods use only ``process``, ``predict``, ``eps``, ``x0`` and ``score``,
+    so a wrapper that changes the predictions (guidance, inpainting) subclasses this, defines
+    ``process`` and ``predict``, and works with every sampler unchanged. Each view costs one call of
+    ``predict``.
+    """
+
+    process: Process
+
+    @abc.abstractmethod
+    def predict(self, x: ArrayLike, t: ArrayLike, **model_kwargs) -> tuple[Array, Array]:
+        """(eps, x0) predictions at (x, t); t is a scalar or (batch,)."""
+
+    def eps(self, x: ArrayLike, t: ArrayLike, **model_kwargs) -> Array:
+        """Predicted noise eps(x, t)."""
+        return self.predict(x, t, **model_kwargs)[0]
+
+    def x0(self, x: ArrayLike, t: ArrayLike, **model_kwargs) -> Array:
+        """Predicted clean data x0(x, t) = E[x_0 | x_t = x] for an optimal network (Tweedie)."""
+        return self.predict(x, t, **model_kwargs)[1]
+
+    def score(self, x: ArrayLike, t: ArrayLike, **model_kwargs) -> Array:
+        """Predicted score grad_x log p_t(x) = -eps / sigma (Song et al. 2021)."""
+        eps = self.eps(x, t, **model_kwargs)
+        return -eps / expand_to(self.process.sigma(t), eps)
+
+
 @struct.dataclass
-class Denoiser:
+class Denoiser(DenoiserViews):
     """A network seen as a denoiser: eps, x0 and score predictions at (x, t) for a given process.
 
     ``apply_fn(params, x_in, t_in, **model_kwargs)`` is the raw network (e.g. a Flax module's
@@ -208,16 +239,3 @@ class Denoiser:
         return eps_x0_from_prediction(
             output, self.parameterization, x, alpha, sigma, self.sigma_data
         )
-
-    def eps(self, x: ArrayLike, t: ArrayLike, **model_kwargs) -> Array:
-        """Predicted noise eps(x, t)."""
-        return self.predict(x, t, **model_kwargs)[0]
-
-    def x0(self, x: ArrayLike, t: ArrayLike, **model_kwargs) -> Array:
-        """Predicted clean data x0(x, t) = E[x_0 | x_t = x] for an optimal network (Tweedie)."""
-        return self.predict(x, t, **model_kwargs)[1]
-
-    def score(self, x: ArrayLike, t: ArrayLike, **model_kwargs) -> Array:
-        """Predicted score grad_x log p_t(x) = -eps / sigma (Song et al. 2021)."""
-        eps = self.eps(x, t, **model_kwargs)
-        return -eps / expand_to(self.process.sigma(t), eps)
