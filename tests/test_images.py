@@ -117,3 +117,69 @@ def test_save_scatter_png_draws_the_points(tmp_path):
     assert is_blue.sum() > 100
     with pytest.raises(ValueError, match=r"\(N, 2\)"):
         images.save_scatter_png(path, np.zeros((5, 3)))
+
+
+def _pixels(path) -> np.ndarray:
+    with Image.open(path) as picture:
+        return np.asarray(picture.convert("RGB")).astype(int)
+
+
+def _count_colour(pixels: np.ndarray, rgb, tolerance: int = 30) -> int:
+    return int(np.all(np.abs(pixels - list(rgb)) < tolerance, axis=-1).sum())
+
+
+BLUE, GREY, RED = (31, 119, 180), (178, 178, 178), (214, 39, 40)
+
+
+def test_an_early_snapshot_far_from_the_target_is_framed_with_the_target(tmp_path):
+    # An untrained model's samples: a cloud of std 30 around a ring of radius 2 (the target).
+    rng = np.random.default_rng(0)
+    samples = 30.0 * rng.normal(size=(2000, 2))
+    angles = rng.uniform(0, 2 * np.pi, 500)
+    target = 2.0 * np.stack([np.cos(angles), np.sin(angles)], axis=1)
+    # The old fixed frame [-4, 4]^2 holds almost none of them: now counted and pinned in red.
+    fixed = tmp_path / "fixed.png"
+    outside = images.save_scatter_png(
+        fixed, samples, reference_points=target, limits=(-4.0, 4.0), marker_size=4.0
+    )
+    assert outside == int(np.sum(np.any(np.abs(samples) > 4.0, axis=1))) > 1900
+    assert _count_colour(_pixels(fixed), RED) > 100
+    # The default frame scales to the data: every sample drawn in blue, the target in grey.
+    auto = tmp_path / "auto.png"
+    assert images.save_scatter_png(auto, samples, reference_points=target, marker_size=4.0) == 0
+    pixels = _pixels(auto)
+    assert _count_colour(pixels, BLUE) > 1000
+    assert _count_colour(pixels, GREY, tolerance=12) > 20
+    assert _count_colour(pixels, RED) == 0
+
+
+def test_scatter_limits_hold_the_target_and_ignore_a_lone_outlier():
+    rng = np.random.default_rng(1)
+    points = rng.normal(size=(1000, 2))
+    lo, hi = images.scatter_limits(points)
+    assert lo <= points.min() and hi >= points.max()  # a compact cloud is framed whole
+    with_outlier = np.concatenate([points, [[1e4, -1e4]]])
+    lo, hi = images.scatter_limits(with_outlier)
+    assert -10 < lo < -2 and 2 < hi < 10  # the outlier does not shrink the cloud to a dot
+    reference = np.array([[50.0, 0.0], [0.0, -60.0]])
+    lo, hi = images.scatter_limits(with_outlier, reference)
+    assert lo < -60 and hi > 50
+
+
+def test_save_scatter_png_rejects_bad_limits(tmp_path):
+    with pytest.raises(ValueError, match="limits"):
+        images.save_scatter_png(tmp_path / "a.png", np.zeros((3, 2)), limits="tight")
+    with pytest.raises(ValueError, match="lo < hi"):
+        images.save_scatter_png(tmp_path / "a.png", np.zeros((3, 2)), limits=(1.0, -1.0))
+
+
+def test_save_figure_png_writes_a_matplotlib_figure(tmp_path):
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(2, 1))
+    figure.add_subplot().plot([0, 1], [0, 1])
+    path = tmp_path / "sub" / "line.png"
+    images.save_figure_png(path, figure, dpi=50)
+    with Image.open(path) as picture:
+        assert picture.format == "PNG" and picture.size == (100, 50)
+    assert [entry.name for entry in path.parent.iterdir()] == ["line.png"]
