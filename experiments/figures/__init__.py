@@ -12,7 +12,7 @@ Applied Mathematicians"; Chan 2024, "Tutorial on Diffusion Models for Imaging an
 """
 
 # Importing a figure module registers its figures, in the order of this list.
-from experiments.figures import forward, score_matching, scores  # noqa: F401
+from experiments.figures import forward, indi, pde, score_matching, scores, sde  # noqa: F401
 from experiments.figures.base import FIGURES, Figure, FigureContext, run_figure
 
 __all__ = ["FIGURES", "Figure", "FigureContext", "run_figure"]

@@ -24,6 +24,8 @@ __all__ = [
     "mixture_1d",
     "mixture_cdf",
     "mixture_density",
+    "posterior_mean",
+    "sample_with_snapshots",
     "score",
 ]
 
@@ -50,6 +52,12 @@ def log_prob(mixture: oracle.GaussianMixture, process: Process, x: jax.Array, t)
 def score(mixture: oracle.GaussianMixture, process: Process, x: jax.Array, t) -> jax.Array:
     """grad log p_t(x) of an oracle mixture (rows of x), jitted."""
     return mixture.score(process, x, t)
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def posterior_mean(mixture: oracle.GaussianMixture, process: Process, x: jax.Array, t) -> jax.Array:
+    """E[x_0 | x_t = x] of an oracle mixture (rows of x), jitted."""
+    return mixture.x0(process, x, t)
 
 
 def mixture_density(
@@ -164,3 +172,35 @@ def langevin_path(
         return jnp.concatenate([x[None], path])
 
     return run(denoiser, key, x)
+
+
+# ------------------------------------------------------------------------------ snapshots
+def sample_with_snapshots(
+    name: str,
+    denoiser,
+    key: jax.Array,
+    x_init: jax.Array,
+    times: jax.Array,
+    snapshot_indices: Sequence[int],
+    **options,
+) -> list[np.ndarray]:
+    """The states of registered sampler ``name`` at ``times[i]`` for each i in ``snapshot_indices``.
+
+    The samplers return only their final state, so the run is composed of the same sampler on the
+    consecutive sub-grids times[i:j + 1] between snapshots (sub-run k with fold_in(key, k)). For a
+    sampler whose step depends only on (x, t, s) and fresh noise (ancestral, DDIM, Euler-Maruyama,
+    reverse diffusion, PC, Euler, Heun) this is the same Markov chain as one run down ``times``, so
+    the final state has the law of a single run; multistep solvers would restart at every snapshot.
+    """
+    indices = sorted(set(int(i) for i in snapshot_indices))
+    if not indices or indices[0] < 0 or indices[-1] >= len(times):
+        raise ValueError(f"snapshot indices must lie in [0, {len(times) - 1}], got {indices}")
+    program = samplers.sampler_program(name, **options)
+    states, x, current = [], x_init, 0
+    for chunk, index in enumerate(indices):
+        if index > current:
+            sub_grid = times[current : index + 1]
+            x = program(denoiser, jax.random.fold_in(key, chunk), x, sub_grid).samples
+            current = index
+        states.append(np.asarray(x))
+    return states
