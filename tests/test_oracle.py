@@ -28,7 +28,7 @@ def test_score_is_the_gradient_of_log_prob_and_tweedie_holds(preset, name, x64):
     grad = jax.vmap(jax.grad(lambda xi, ti: oracle.log_prob(process, xi[None], ti[None])[0]))(x, t)
     score = oracle.score(process, x, t)
     np.testing.assert_allclose(score, grad, rtol=1e-8, atol=1e-10)
-    # Tweedie: E[x0 | x_t] = (x_t + sigma^2 score) / alpha (REFERENCE I-17), against the direct sum.
+    # Tweedie: E[x0 | x_t] = (x_t + sigma^2 score) / alpha (Efron 2011), against the direct sum.
     alpha, sigma = process.alpha(t)[:, None], process.sigma(t)[:, None]
     np.testing.assert_allclose(
         oracle.x0(process, x, t), (x + sigma**2 * score) / alpha, rtol=1e-7, atol=1e-9
@@ -139,7 +139,7 @@ def test_gaussian_ode_flow_matches_a_numerical_solve(name, x64):
 
 
 def test_ode_flow_pushes_the_prior_marginal_to_the_data(x64):
-    """Flowing exact samples of p_T back to t ~ 0 gives N(mu, Sigma) (REFERENCE I-15)."""
+    """Flowing exact samples of p_T back to t ~ 0 gives N(mu, Sigma) (Song et al. 2021, eq. 13)."""
     oracle = O.preset("gaussian_2d")
     process = P.VPSDE()
     xT = oracle.sample_marginal(jax.random.PRNGKey(3), process, 100000, process.T)
@@ -178,3 +178,193 @@ def test_bad_oracle_arguments():
         O.gaussian(np.zeros(2), np.array([[1.0, 0.5], [0.0, 1.0]]))
     with pytest.raises(ValueError, match="weights"):
         O.gaussian_mixture([1.0, -1.0], np.zeros((2, 2)), [np.ones(2), np.ones(2)])
+
+
+# ================================================================================ labelled mixtures
+def labelled_mixture():
+    """Three classes over five anisotropic components in 2-D (class 1 owns two, class 2 two)."""
+    means = np.array([[-1.0, 0.0], [1.0, 0.3], [0.0, 1.5], [0.5, -1.2], [-1.5, 1.0]])
+    covariances = [
+        np.array([0.6, 0.3]),
+        np.array([[0.4, 0.15], [0.15, 0.3]]),
+        np.array([0.5, 0.5]),
+        np.array([[0.2, -0.05], [-0.05, 0.4]]),
+        np.array([0.3, 0.2]),
+    ]
+    return O.gaussian_mixture([1.0, 2.0, 1.0, 1.5, 0.5], means, covariances, labels=[0, 1, 1, 2, 2])
+
+
+@pytest.mark.parametrize("name", PROCESSES)
+def test_class_conditional_is_the_sub_mixture_of_the_class(name, x64):
+    """p_t(x | y) is the noised sub-mixture of class y's components: score, x0, eps and log-density
+    with per-row labels equal those of ``class_conditional(y)``, built by selecting rows in numpy."""
+    process = P.make_process(name)
+    oracle = labelled_mixture()
+    t = jnp.array([mid_time(process, f) for f in (0.02, 0.2, 0.5, 0.9, 0.3, 0.7)])
+    x = oracle.sample_marginal(jax.random.PRNGKey(5), process, 6, t)
+    labels = np.array([0, 1, 2, 2, 1, 0])
+
+    @jax.jit
+    def all_views(mixture, x, t, labels=None):
+        return [
+            getattr(mixture, m)(process, x, t, labels) for m in ("score", "x0", "eps", "log_prob")
+        ]
+
+    got = all_views(oracle, x, t, jnp.asarray(labels))
+    for label in range(3):
+        rows = labels == label
+        want = all_views(oracle.class_conditional(label), x[rows], t[rows])
+        for got_view, want_view in zip(got, want, strict=True):
+            np.testing.assert_allclose(got_view[rows], want_view, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "edm"])
+def test_bayes_rule_links_conditional_score_and_noisy_classifier(name, x64):
+    """grad log p_t(x | y) = grad log p_t(x) + grad log p_t(y | x) (Dhariwal & Nichol 2021, eq. 2
+    in score form), each side by its own route: the conditional score in closed form, the classifier
+    gradient by autodiff of ``class_log_prob``; and the conditional score is the gradient of the
+    conditional log-density."""
+    process = P.make_process(name)
+    oracle = labelled_mixture()
+    t = jnp.array([mid_time(process, f) for f in (0.05, 0.3, 0.6, 0.9)])
+    x = oracle.sample_marginal(jax.random.PRNGKey(6), process, 4, t)
+
+    def classifier_log_probs(xi, ti):  # (C,)
+        return oracle.class_log_prob(process, xi[None], ti[None])[0]
+
+    def conditional_log_prob(xi, ti, label):
+        return oracle.log_prob(process, xi[None], ti[None], labels=label[None])[0]
+
+    @jax.jit
+    def both_sides(x, t, labels):
+        conditional = oracle.score(process, x, t, labels=labels)
+        classifier_grads = jax.vmap(jax.jacrev(classifier_log_probs))(x, t)  # (B, C, D)
+        classifier_grad = jnp.take_along_axis(classifier_grads, labels[:, None, None], 1)[:, 0]
+        autodiff = jax.vmap(jax.grad(conditional_log_prob))(x, t, labels)
+        return conditional, oracle.score(process, x, t) + classifier_grad, autodiff
+
+    for label in range(3):
+        conditional, bayes, autodiff = both_sides(x, t, jnp.full((4,), label))
+        np.testing.assert_allclose(conditional, bayes, rtol=1e-9, atol=1e-11)
+        np.testing.assert_allclose(conditional, autodiff, rtol=1e-9, atol=1e-11)
+
+
+def test_noisy_classifier_matches_scipy_densities(x64):
+    """p_t(y | x) = sum_{k in y} w_k N_k(x) / sum_k w_k N_k(x), with the noised component densities
+    from scipy; each row sums to 1; at t = T the classifier is (nearly) the class prior."""
+    oracle = labelled_mixture()
+    process = P.SubVPSDE()
+    t = 0.31
+    alpha, sigma = float(process.alpha(t)), float(process.sigma(t))
+    x = np.array([[0.1, 0.2], [-1.0, 3.0], [2.0, -1.0]])
+    eigvecs, eigvals = np.asarray(oracle.eigvecs), np.asarray(oracle.eigvals)
+    densities = np.stack(
+        [
+            float(w)
+            * stats.multivariate_normal(
+                alpha * np.asarray(m), alpha**2 * (u * c) @ u.T + sigma**2 * np.eye(2)
+            ).pdf(x)
+            for w, m, u, c in zip(oracle.weights, oracle.means, eigvecs, eigvals, strict=True)
+        ],
+        axis=1,
+    )
+    membership = np.eye(3)[list(oracle.component_labels)]
+    expected = densities @ membership / densities.sum(axis=1, keepdims=True)
+    got = np.exp(np.asarray(oracle.class_log_prob(process, jnp.asarray(x), t)))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-12)
+    prior = np.asarray(oracle.class_prior())
+    np.testing.assert_allclose(prior, [1 / 6, 1 / 2, 1 / 3], rtol=1e-12)
+    at_prior = np.exp(np.asarray(oracle.class_log_prob(process, jnp.asarray(x), process.T)))
+    np.testing.assert_allclose(
+        at_prior, np.broadcast_to(prior, (3, 3)), atol=1e-2
+    )  # alpha_T ~ 7e-3
+
+
+def test_null_label_is_unconditional_and_the_denoiser_takes_labels_as_y(x64):
+    oracle = labelled_mixture()
+    process = P.VPSDE()
+    x = oracle.sample_marginal(jax.random.PRNGKey(7), process, 4, 0.4)
+    null = jnp.full((4,), oracle.num_classes)
+    np.testing.assert_array_equal(
+        oracle.score(process, x, 0.4, labels=null), oracle.score(process, x, 0.4)
+    )
+    denoiser = oracle.denoiser(process)
+    labels = jnp.array([0, 1, 2, 3])  # the last row is unconditional
+    expected = jnp.concatenate(
+        [oracle.eps(process, x[:3], 0.4, labels=labels[:3]), oracle.eps(process, x[3:], 0.4)]
+    )
+    np.testing.assert_allclose(denoiser.eps(x, 0.4, y=labels), expected, rtol=1e-12)
+    np.testing.assert_array_equal(denoiser.eps(x, 0.4), oracle.eps(process, x, 0.4))
+
+
+def test_labelled_samples_follow_the_components():
+    oracle = labelled_mixture()
+    x, labels = oracle.sample_with_labels(jax.random.PRNGKey(8), 60000)
+    np.testing.assert_array_equal(x, oracle.sample(jax.random.PRNGKey(8), 60000))
+    counts = np.bincount(np.asarray(labels), minlength=3)
+    assert stats.chisquare(counts, 60000 * np.array([1 / 6, 1 / 2, 1 / 3])).pvalue > 1e-3
+    # each sample's label is the class of the component that generated it: class 0 is one Gaussian
+    class_zero = np.asarray(x)[np.asarray(labels) == 0]
+    np.testing.assert_allclose(class_zero.mean(axis=0), [-1.0, 0.0], atol=0.03)
+    np.testing.assert_allclose(class_zero.var(axis=0), [0.6, 0.3], rtol=0.05)
+
+
+def test_condition_on_coordinates_matches_gaussian_conditioning_and_bayes(x64):
+    """A single Gaussian against the textbook formulas; a labelled mixture against Bayes' rule:
+    log p(u | k) = log p(u, k) - log p(k), every density from scipy."""
+    rng = np.random.default_rng(3)
+    factor = rng.normal(size=(4, 4))
+    covariance = factor @ factor.T / 4 + 0.2 * np.eye(4)
+    mean = rng.normal(size=4)
+    known = np.array([False, True, False, True])
+    values = np.array([0.0, 0.7, 0.0, -0.4])
+    conditional = O.gaussian(mean, covariance).condition_on_coordinates(known, values)
+    gain = covariance[np.ix_(~known, known)] @ np.linalg.inv(covariance[np.ix_(known, known)])
+    expected_mean = mean[~known] + gain @ (values[known] - mean[known])
+    expected_cov = covariance[np.ix_(~known, ~known)] - gain @ covariance[np.ix_(known, ~known)]
+    cond_cov = (conditional.eigvecs[0] * conditional.eigvals[0]) @ conditional.eigvecs[0].T
+    np.testing.assert_allclose(conditional.means[0], expected_mean, rtol=1e-12)
+    np.testing.assert_allclose(cond_cov, expected_cov, rtol=1e-10, atol=1e-12)
+
+    mixture = labelled_mixture()
+    known2 = np.array([True, False])
+    given = mixture.condition_on_coordinates(known2, [0.3])
+    assert given.component_labels == mixture.component_labels and given.dim == 1
+    covariances = [(u * c) @ u.T for u, c in zip(mixture.eigvecs, mixture.eigvals, strict=True)]
+    components = list(zip(mixture.weights, mixture.means, covariances, strict=True))
+
+    def joint(point):
+        return sum(w * stats.multivariate_normal(m, c).pdf(point) for w, m, c in components)
+
+    marginal = sum(w * stats.norm(m[0], np.sqrt(c[0, 0])).pdf(0.3) for w, m, c in components)
+    unknown = np.array([-1.0, 0.2, 1.4])
+    expected = [math.log(joint([0.3, u]) / marginal) for u in unknown]
+    # the conditional mixture's log-density at "t = 0" through a process whose sigma is ~0
+    process = P.VESDE(sigma_min=1e-9)
+    got = given.log_prob(process, jnp.asarray(unknown[:, None]), process.t_min)
+    np.testing.assert_allclose(got, expected, rtol=1e-7)
+
+
+def test_bad_label_arguments():
+    oracle = labelled_mixture()
+    process = P.VPSDE()
+    x = jnp.zeros((2, 2))
+    with pytest.raises(ValueError, match="label 4 is out of range"):
+        oracle.score(process, x, 0.5, labels=jnp.array([0, 4]))
+    with pytest.raises(ValueError, match="label -1 is out of range"):
+        oracle.eps(process, x, 0.5, labels=-1)
+    with pytest.raises(ValueError, match="integers"):
+        oracle.log_prob(process, x, 0.5, labels=jnp.array([0.0, 1.0]))
+    with pytest.raises(ValueError, match="no class labels"):
+        O.preset("ring8_2d").score(process, x, 0.5, labels=0)
+    with pytest.raises(ValueError, match="no class labels"):
+        O.preset("ring8_2d").class_log_prob(process, x, 0.5)
+    with pytest.raises(ValueError, match="every class used"):
+        O.preset("ring8_2d").with_labels([0, 2, 0, 2, 0, 2, 0, 2])
+    with pytest.raises(ValueError, match="one label per component"):
+        O.preset("ring8_2d").with_labels([0, 1])
+    with pytest.raises(ValueError, match=r"label must be an integer in \[0, 3\)"):
+        oracle.class_conditional(3)
+    with pytest.raises(ValueError, match="both known and unknown"):
+        oracle.condition_on_coordinates(np.array([True, True]), [0.0, 0.0])
