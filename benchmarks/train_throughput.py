@@ -8,7 +8,7 @@ content does not change the cost), placed on the devices every step as in traini
 
 Cases: the devices this process sees (1 CPU device unless told otherwise) with the jit-sharded
 wrapper, then a subprocess with XLA_FLAGS=--xla_force_host_platform_device_count=4 (the flag must
-be set before JAX is imported) timing the jit-sharded and the pmap wrappers. On one CPU the four
+be set before JAX is imported) timing the jit-sharded and the shard_map wrappers. On one CPU the four
 simulated devices share the same cores, so that case measures the wrappers' overhead, not a speed-up
 (it always runs on CPU, whatever accelerator the first case used).
 
@@ -43,7 +43,7 @@ def measure(wrapper: str, num_devices: int, timed_steps: int, batch_size: int) -
     import jax
     import numpy as np
 
-    from diffusion import training
+    from diffusion import optim, parallel, training
     from diffusion.losses import DenoisingLoss
     from diffusion.models import UNet
     from diffusion.processes import VPSDE
@@ -59,13 +59,13 @@ def measure(wrapper: str, num_devices: int, timed_steps: int, batch_size: int) -
         weighting="simple",
         time_input="999t",
     )
-    schedule = training.learning_rate_schedule(2e-4, warmup_steps=5000)
-    optimizer = training.make_optimizer(schedule, grad_clip_norm=1.0)
+    schedule = optim.learning_rate_schedule(2e-4, warmup_steps=5000)
+    optimizer = optim.make_optimizer(schedule, grad_clip_norm=1.0)
     train_step = training.make_train_step(
         loss_fn, optimizer, learning_rate_fn=schedule, ema_decay=0.9999
     )
     devices = jax.devices()[:num_devices]
-    runner = training.DataParallelStep(train_step, parallelism=wrapper, devices=devices)
+    runner = parallel.DataParallelStep(train_step, parallelism=wrapper, devices=devices)
     state = runner.put_state(training.create_train_state(params, optimizer, state_key))
     images = np.random.default_rng(0).uniform(-1, 1, (batch_size, *IMAGE_SHAPE))
     host_batch = {"image": images.astype(np.float32)}
@@ -81,7 +81,7 @@ def measure(wrapper: str, num_devices: int, timed_steps: int, batch_size: int) -
     step_s = (time.perf_counter() - start) / timed_steps
     return {
         "devices": num_devices,
-        "wrapper": "jit-sharded" if wrapper == "jit" else "pmap",
+        "wrapper": "jit-sharded" if wrapper == "jit" else "shard_map",
         "batch_size": batch_size,
         "examples_per_s": batch_size / step_s,
         "steps_per_s": 1.0 / step_s,
@@ -127,7 +127,7 @@ def main() -> None:
     if args.simulated:
         records = [
             measure(wrapper, SIMULATED_DEVICES, timed_steps, args.batch_size)
-            for wrapper in ("jit", "pmap")
+            for wrapper in ("jit", "shard_map")
         ]
         print(json.dumps({"records": records}))
         return

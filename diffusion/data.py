@@ -109,7 +109,8 @@ class DatasetNotFoundError(Exception):
     def __init__(self, name: str, searched_dir: str, data_dir: str | os.PathLike | None) -> None:
         self.name = name
         self.searched_dir = searched_dir
-        if name in IDX_DATASETS:
+        self.has_idx = name in IDX_DATASETS  # MNIST-like data also comes as IDX files
+        if self.has_idx:
             idx_remedy = (
                 f"  (2) read the original IDX files instead: load_dataset({name!r}, split, "
                 "idx_dir=DIR) with DIR holding train-images-idx3-ubyte, train-labels-idx1-ubyte, "

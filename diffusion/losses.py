@@ -339,7 +339,7 @@ class DenoisingLoss:
     def __call__(
         self, params: Any, batch: Mapping[str, Array], key: Array, *, train: bool = True
     ) -> tuple[Array, dict[str, Array]]:
-        """(loss, {'eps_mse': ...}) on one batch; pure, so it can be jitted, pmapped, differentiated."""
+        """(loss, {'eps_mse': ...}) on one batch; pure, so it can be jitted, sharded, differentiated."""
         x0 = _data_from_batch(batch, needs_label=self.num_classes is not None)
         key_time, key_noise, key_dropout, key_label = jax.random.split(key, 4)
         t, importance_weight = sample_time(

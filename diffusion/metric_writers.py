@@ -20,6 +20,8 @@ In a multi-process run only one process (e.g. ``jax.process_index() == 0``) shou
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -32,6 +34,9 @@ from tensorboardX import SummaryWriter
 from diffusion.images import save_image_grid, save_scatter_png, write_atomically
 
 __all__ = ["METRICS_FILENAME", "MetricWriter", "read_scalars"]
+
+# tensorboardX warns on every non-finite scalar; the JSONL record already flags them.
+logging.getLogger("tensorboardX.x2num").setLevel(logging.ERROR)
 
 METRICS_FILENAME = "metrics.jsonl"
 _TENSORBOARD_DIR = "tensorboard"
@@ -117,15 +122,25 @@ class MetricWriter:
 
     def write_scalars(self, step: int, scalars: Mapping[str, ArrayLike]) -> None:
         """Append {"step", "wall_time", **scalars} to the JSONL file (flushed) and add each scalar
-        to TensorBoard under its name. Values are one-element arrays or numbers; NaN and infinities
-        are kept (as JSON's NaN / Infinity, which Python's json reads back)."""
+        to TensorBoard under its name. Values are one-element arrays or numbers.
+
+        The file stays strict JSON: a NaN or infinite value is written as ``null`` and its name
+        listed under ``"nonfinite"`` (TensorBoard gets the value itself).
+        """
         values = {name: _to_float(name, value) for name, value in scalars.items()}
-        reserved = {"step", "wall_time"} & values.keys()
+        reserved = {"step", "wall_time", "nonfinite"} & values.keys()
         if reserved:
             raise ValueError(f"scalar names {sorted(reserved)} are reserved for the record")
         wall_time = time.time()
-        record = {"step": int(step), "wall_time": wall_time, **values}
-        self._metrics_file.write(json.dumps(record) + "\n")
+        nonfinite = sorted(name for name, value in values.items() if not math.isfinite(value))
+        record = {
+            "step": int(step),
+            "wall_time": wall_time,
+            **{name: None if name in nonfinite else value for name, value in values.items()},
+        }
+        if nonfinite:
+            record["nonfinite"] = nonfinite
+        self._metrics_file.write(json.dumps(record, allow_nan=False) + "\n")
         self._metrics_file.flush()
         if self._tensorboard is not None:
             for name, value in values.items():
@@ -167,10 +182,11 @@ class MetricWriter:
         points: ArrayLike,
         *,
         reference_points: ArrayLike | None = None,
-        limits: tuple[float, float] | None = (-4.0, 4.0),
+        limits: tuple[float, float] | str | None = "auto",
     ) -> tuple[str, str]:
-        """Write 2-D points (N, 2) as a scatter PNG (over ``reference_points`` in grey) and as
-        raw ``samples`` in an .npz; return the two paths."""
+        """Write 2-D points (N, 2) as a scatter PNG (over ``reference_points`` in grey; axes as
+        ``diffusion.images.save_scatter_png``'s ``limits``) and as raw ``samples`` in an .npz;
+        return the two paths."""
         samples = np.asarray(points)
         png_path = self._sample_path(name, step, "png")
         save_scatter_png(

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from diffusion import data, losses, oracle, samplers, training
+from diffusion import data, losses, optim, oracle, parallel, samplers
 from diffusion.models import MLP, UNet
 from diffusion.models.unet import level_resolutions
 from diffusion.parameterization import Denoiser
@@ -65,6 +65,7 @@ class Experiment:
     model: Any  # a flax.linen Module (UNet or MLP)
     loss: losses.DenoisingLoss
     optimizer: optax.GradientTransformation
+    learning_rate_fn: optax.Schedule
     data_shape: tuple[int, ...]  # one example, e.g. (28, 28, 1) or (2,)
     data_range: tuple[float, float]
     is_toy: bool
@@ -250,37 +251,44 @@ def _model(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], is_to
     )
 
 
-def _optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    optim = config.optim
+def _optimizer(
+    config: ml_collections.ConfigDict,
+) -> tuple[optax.Schedule, optax.GradientTransformation]:
+    """The learning-rate schedule and the optimiser that applies it."""
+    optim_config = config.optim
 
     def make():
-        schedule = training.learning_rate_schedule(
-            float(optim.lr),
-            warmup_steps=int(optim.warmup),
-            decay=optim.decay,
+        schedule = optim.learning_rate_schedule(
+            float(optim_config.lr),
+            warmup_steps=int(optim_config.warmup),
+            decay=optim_config.decay,
             total_steps=int(config.training.n_iters),
         )
-        return training.make_optimizer(
+        optimizer = optim.make_optimizer(
             schedule,
-            name=optim.optimizer,
-            b1=float(optim.beta1),
-            b2=float(optim.beta2),
-            eps=float(optim.eps),
-            weight_decay=float(optim.weight_decay),
-            grad_clip_norm=None if optim.grad_clip is None else float(optim.grad_clip),
+            name=optim_config.optimizer,
+            b1=float(optim_config.beta1),
+            b2=float(optim_config.beta2),
+            eps=float(optim_config.eps),
+            weight_decay=float(optim_config.weight_decay),
+            grad_clip_norm=None
+            if optim_config.grad_clip is None
+            else float(optim_config.grad_clip),
         )
+        return schedule, optimizer
 
     return _wrap("optim", make)
 
 
 def _check_training(config: ml_collections.ConfigDict) -> None:
     train = config.training
-    for key in ("batch_size", "n_iters", "log_freq", "checkpoint_freq", "steps_per_call"):
+    keys = ("batch_size", "n_iters", "log_freq", "checkpoint_freq", "steps_per_call")
+    for key in (*keys, "max_nonfinite_steps", "keep_checkpoints"):
         _require(int(train[key]) >= 1, f"training.{key}", f"must be >= 1, got {train[key]!r}")
     _require(
-        train.parallelism in training.PARALLELISMS,
+        train.parallelism in parallel.PARALLELISMS,
         "training.parallelism",
-        f"{train.parallelism!r} is not one of {', '.join(training.PARALLELISMS)}",
+        f"{train.parallelism!r} is not one of {', '.join(parallel.PARALLELISMS)}",
     )
     devices = jax.local_device_count() * jax.process_count()
     _require(
@@ -324,6 +332,12 @@ def _check_sampling(config: ml_collections.ConfigDict, process: Process) -> None
 def build(config: ml_collections.ConfigDict) -> Experiment:
     """Validate ``config`` (ConfigError naming the key) and build the experiment's objects."""
     data_shape, is_toy = _data_shape(config)
+    _require(
+        config.model.num_classes is None or not is_toy,
+        "model.num_classes",
+        f"{config.model.num_classes} classes need labelled data, but data.dataset="
+        f"{config.data.dataset!r} has no labels; use an image dataset or num_classes=None",
+    )
     process = _process(config)
     model = _model(config, data_shape, is_toy)
     # The Denoiser checks parameterization / time_input / sigma_data against the process.
@@ -355,7 +369,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         ),
     )
     _check_training(config)
-    optimizer = _optimizer(config)
+    learning_rate_fn, optimizer = _optimizer(config)
     _check_sampling(config, process)
     _require(
         config.eval.feature_extractor in FEATURE_EXTRACTORS,
@@ -369,6 +383,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         model=model,
         loss=loss,
         optimizer=optimizer,
+        learning_rate_fn=learning_rate_fn,
         data_shape=data_shape,
         data_range=data_range,
         is_toy=is_toy,

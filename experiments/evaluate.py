@@ -238,9 +238,11 @@ def _toy_metrics(experiment: Experiment, params, samples: np.ndarray, key) -> di
 def evaluate(experiment: Experiment, workdir: str, *, checkpoint_step: int | None = None) -> dict:
     """Write DIR/eval/eval.json (and samples.png, class_histogram.json) and return the record."""
     config = experiment.config
+    step, params = restore_ema_params(experiment, workdir, checkpoint_step)
+    if not experiment.is_toy:
+        experiment.load_split("test")  # a missing dataset stops the run before anything is written
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    step, params = restore_ema_params(experiment, workdir, checkpoint_step)
     key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 4)
     sample_key, loss_key, bpd_key, toy_key = jax.random.split(key, 4)
     record: dict[str, Any] = {

@@ -1,20 +1,65 @@
-"""--mode=train: train from scratch or resume from the workdir's latest checkpoint."""
+"""--mode=train: train from scratch or resume from the workdir's newest readable checkpoint.
+
+SIGTERM (what SLURM and TPU pre-emption send) and SIGINT (Ctrl-C) finish the current step, write a
+checkpoint of the step reached, flush the logs and exit with status 128 + the signal's number (143
+for SIGTERM, 130 for SIGINT), the shell's convention for "stopped by a signal", so that a scheduler
+requeues the job; the same command then resumes from exactly there. A second SIGINT stops at once.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from diffusion import training
+from diffusion import oracle, parallel, training
 from diffusion.metric_writers import MetricWriter
 from experiments.build import Experiment
-from experiments.workdir import checkpoint_manager, restore_or_initialize, write_config
+from experiments.workdir import (
+    check_resume,
+    checkpoint_manager,
+    record_config,
+    restore_or_initialize,
+)
 
-__all__ = ["train"]
+__all__ = ["Preempted", "train"]
+
+
+class Preempted(Exception):  # noqa: N818 (not an error: the run stopped as asked)
+    """Training stopped on a signal after checkpointing; ``exit_status`` is 128 + its number."""
+
+    def __init__(self, signal_number: int, step: int, workdir: str) -> None:
+        self.exit_status = 128 + signal_number
+        super().__init__(
+            f"stopped by {signal.Signals(signal_number).name} at step {step}: checkpoint written in "
+            f"{workdir}; run the same command to resume"
+        )
+
+
+@contextlib.contextmanager
+def _stop_signals() -> Iterator[list[int]]:
+    """While active, SIGTERM and SIGINT are recorded in the yielded list instead of killing the
+    process (a second SIGINT restores Python's default and interrupts)."""
+    received: list[int] = []
+    previous = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+
+    def handler(number: int, frame: object) -> None:
+        received.append(number)
+        if number == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    for number in previous:
+        signal.signal(number, handler)
+    try:
+        yield received
+    finally:
+        for number, old_handler in previous.items():
+            signal.signal(number, old_handler)
 
 
 class _ConsoleEcho:
@@ -27,9 +72,9 @@ class _ConsoleEcho:
     def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
         self.writer.write_scalars(step, scalars)
         shown = ("loss", "eps_mse", "grad_norm", "learning_rate", "examples_per_s")
-        parts = [
-            f"{name} {float(np.ravel(scalars[name])[-1]):.4g}" for name in shown if name in scalars
-        ]
+        parts = [f"{name} {float(scalars[name]):.4g}" for name in shown if name in scalars]
+        if scalars.get("nonfinite_steps"):
+            parts.append(f"skipped (non-finite) {int(scalars['nonfinite_steps'])}")
         tqdm.write(f"step {step}/{self.n_iters}: " + ", ".join(parts))
 
 
@@ -39,6 +84,9 @@ def _snapshot_fn(experiment: Experiment, writer: MetricWriter):
         return None
     num = int(config.training.snapshot_num_samples)
     snapshot_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2)
+    reference = None
+    if experiment.is_toy and config.data.dataset in oracle.PRESETS:
+        reference = np.asarray(oracle.preset(config.data.dataset).sample(jax.random.key(0), num))
 
     def sample_fn(ema_params, key):
         return experiment.sample(ema_params, key, num).samples
@@ -49,40 +97,51 @@ def _snapshot_fn(experiment: Experiment, writer: MetricWriter):
         snapshot_key,
         kind="points" if experiment.is_toy else "images",
         data_range=experiment.data_range,
+        reference_points=reference,
     )
 
 
-def train(experiment: Experiment, workdir: str) -> training.TrainState:
-    """Train up to config.training.n_iters, resuming from DIR/checkpoints when it holds a state."""
+def train(
+    experiment: Experiment, workdir: str, *, allow_config_change: bool = False
+) -> training.TrainState:
+    """Train up to config.training.n_iters, resuming from DIR/checkpoints when it holds a state.
+
+    Before anything is written: the data is opened and the config is checked against the workdir's
+    record (``experiments.workdir.check_resume``). In a multi-process run every process calls this;
+    only process 0 writes the record, logs and snapshots. Raises ``Preempted`` after a checkpointed
+    stop on SIGTERM / SIGINT and ``training.NonFiniteTrainingError`` when updates keep failing.
+    """
     config = experiment.config
     train_config = config.training
     batch_fn = experiment.data_source()  # reads the dataset: fails early if it is missing
-    write_config(experiment, workdir)
+    changes = check_resume(config, workdir, allow_change=allow_config_change)
+    is_writer = jax.process_index() == 0
+    step_fn = training.make_train_step(
+        experiment.loss,
+        experiment.optimizer,
+        learning_rate_fn=experiment.learning_rate_fn,
+        ema_decay=float(train_config.ema_decay),
+        ema_warmup=bool(train_config.ema_warmup),
+    )
+    runner = parallel.DataParallelStep(step_fn, parallelism=train_config.parallelism)
     with checkpoint_manager(experiment, workdir) as manager:
-        state, resumed = restore_or_initialize(experiment, manager)
+        state, resumed = restore_or_initialize(experiment, manager, runner.state_sharding)
         step = int(state.step)
+        for damaged, reason in manager.damaged_steps.items():
+            print(f"checkpoint of step {damaged} is unreadable ({reason}); set aside")
         if resumed:
             print(f"resuming from the checkpoint at step {step} in {manager.directory}")
         else:
             print(f"training from scratch: {experiment.param_count():,} parameters")
-        with MetricWriter(workdir, purge_step=step + 1 if resumed else None) as writer:
-            if not resumed:
-                writer.write_hparams(config.to_dict())
-            learning_rate_fn = training.learning_rate_schedule(
-                float(config.optim.lr),
-                warmup_steps=int(config.optim.warmup),
-                decay=config.optim.decay,
-                total_steps=int(train_config.n_iters),
-            )
-            step_fn = training.make_train_step(
-                experiment.loss,
-                experiment.optimizer,
-                learning_rate_fn=learning_rate_fn,
-                ema_decay=float(train_config.ema_decay),
-                ema_warmup=bool(train_config.ema_warmup),
-            )
-            runner = training.DataParallelStep(step_fn, parallelism=train_config.parallelism)
-            snapshot_fn = _snapshot_fn(experiment, writer)
+        if is_writer:
+            record_config(experiment, workdir, step, changes)
+        writer = MetricWriter(workdir, purge_step=step + 1) if is_writer else None
+        with contextlib.ExitStack() as stack, _stop_signals() as received:
+            if writer is not None:
+                stack.enter_context(writer)
+                if not resumed:
+                    writer.write_hparams(config.to_dict())
+            snapshot_fn = _snapshot_fn(experiment, writer) if writer is not None else None
             start = time.perf_counter()
             state = training.train_loop(
                 state,
@@ -90,14 +149,17 @@ def train(experiment: Experiment, workdir: str) -> training.TrainState:
                 batch_fn,
                 num_steps=int(train_config.n_iters),
                 log_every=int(train_config.log_freq),
-                writer=_ConsoleEcho(writer, int(train_config.n_iters)),
+                writer=_ConsoleEcho(writer, int(train_config.n_iters)) if writer else None,
                 checkpoint_manager=manager,
                 snapshot_fn=snapshot_fn,
                 snapshot_every=int(train_config.snapshot_freq) if snapshot_fn else None,
                 steps_per_call=int(train_config.steps_per_call),
+                max_nonfinite_steps=int(train_config.max_nonfinite_steps),
+                stop_requested=lambda: bool(received),
+                progress=is_writer,
             )
-    print(
-        f"trained to step {int(state.step)} in {time.perf_counter() - start:.1f} s; "
-        f"workdir {workdir}"
-    )
+    reached = int(state.step)
+    if received:
+        raise Preempted(received[0], reached, workdir)
+    print(f"trained to step {reached} in {time.perf_counter() - start:.1f} s; workdir {workdir}")
     return state

@@ -1,6 +1,6 @@
 """Shared test setup.
 
-The test session simulates 4 CPU devices (set before JAX is imported) so that pmap and sharded-jit
+The test session simulates 4 CPU devices (set before JAX is imported) so that shard_map and sharded-jit
 tests run anywhere; computations on unsharded arrays still use device 0. Tests that need float64
 request the ``x64`` fixture (never enable it globally).
 """
@@ -13,6 +13,8 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import gzip
 import struct
+import subprocess
+import sys
 import tempfile
 
 import jax  # after XLA_FLAGS, so that the flag takes effect
@@ -24,6 +26,31 @@ import pytest
 _COMPILATION_CACHE = tempfile.TemporaryDirectory(prefix="jax-compilation-cache-")
 jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.name)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def cli_env(num_devices: int | None = None) -> dict[str, str]:
+    """The environment of a CLI subprocess: this machine's real devices, or ``num_devices`` CPUs."""
+    env = dict(os.environ)
+    env.pop("XLA_FLAGS", None)
+    if num_devices is not None:
+        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={num_devices}"
+    return env
+
+
+def run_cli(*arguments: str, timeout: float = 600, num_devices: int | None = None):
+    """``python -m experiments.run ARGUMENTS`` in the repository; the CompletedProcess."""
+    command = [sys.executable, "-m", "experiments.run", *arguments]
+    return subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=cli_env(num_devices),
+    )
+
 
 IDX_BIG_ENDIAN = {0x08: ">u1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4"}
 

@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import write_mnist_like_idx
+from conftest import REPO, cli_env, run_cli, write_mnist_like_idx
 
 from diffusion import data
 from diffusion.metric_writers import read_scalars
@@ -23,7 +23,6 @@ from experiments.sample import sample
 from experiments.sweep import sweep, sweep_markdown
 from experiments.train import train
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = run.available_configs()
 
 
@@ -121,24 +120,11 @@ def test_impossible_configs_are_rejected_naming_the_key(name, overrides, fragmen
     assert fragment in str(info.value)
 
 
-def _cli(*arguments, timeout=600):
-    command = [sys.executable, "-m", "experiments.run", *arguments]
-    return subprocess.run(
-        command, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=_env()
-    )
-
-
-def _env():
-    env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the CLI runs on this machine's real devices
-    return env
-
-
 def test_cli_rejects_an_unknown_key_and_a_missing_dataset(tmp_path):
-    unknown = _cli("--config=vp_mnist", f"--workdir={tmp_path}", "--config.training.n_itres=5")
+    unknown = run_cli("--config=vp_mnist", f"--workdir={tmp_path}", "--config.training.n_itres=5")
     assert unknown.returncode != 0
     assert "n_itres" in unknown.stderr
-    missing = _cli(
+    missing = run_cli(
         "--config=vp_mnist", f"--workdir={tmp_path}", f"--config.data.data_dir={tmp_path}/tfds"
     )
     assert missing.returncode != 0
@@ -146,7 +132,7 @@ def test_cli_rejects_an_unknown_key_and_a_missing_dataset(tmp_path):
     assert "mnist" in message and f"{tmp_path}/tfds" in message
     assert "data_dir" in message and "idx_dir" in message
     assert "Traceback" not in message
-    unknown_config = _cli("--config=vp_imagenet", f"--workdir={tmp_path}")
+    unknown_config = run_cli("--config=vp_imagenet", f"--workdir={tmp_path}")
     assert unknown_config.returncode != 0 and "vp_mnist" in unknown_config.stderr
 
 
@@ -181,7 +167,7 @@ def test_cli_train_kill_resume_sample_end_to_end(tmp_path):
     process = subprocess.Popen(
         [sys.executable, "-m", "experiments.run", f"--workdir={killed}", *common],
         cwd=REPO,
-        env=_env(),
+        env=cli_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -192,12 +178,12 @@ def test_cli_train_kill_resume_sample_end_to_end(tmp_path):
     finally:
         if process.poll() is None:
             process.kill()
-    resumed = _cli(f"--workdir={killed}", *common)
+    resumed = run_cli(f"--workdir={killed}", *common)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     resumed_from = int(resumed.stdout.split("resuming from the checkpoint at step ")[1].split()[0])
     assert 20 <= resumed_from < 400  # killed mid-run
     straight = str(tmp_path / "straight")
-    uninterrupted = _cli(f"--workdir={straight}", *common)
+    uninterrupted = run_cli(f"--workdir={straight}", *common)
     assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
 
     records = read_scalars(os.path.join(killed, "metrics.jsonl"))
@@ -208,7 +194,7 @@ def test_cli_train_kill_resume_sample_end_to_end(tmp_path):
 
     outputs = []
     for workdir in (killed, killed, straight):
-        result = _cli(f"--workdir={workdir}", "--mode=sample", *common)
+        result = run_cli(f"--workdir={workdir}", "--mode=sample", *common)
         assert result.returncode == 0, result.stderr[-2000:]
         assert "NFE" in result.stdout
         with np.load(os.path.join(workdir, "sample", "dpm_solver_multistep_step400.npz")) as f:

@@ -3,6 +3,7 @@
 import glob
 import io
 import json
+import math
 import os
 import struct
 
@@ -187,3 +188,22 @@ def test_bad_scalars_raise(tmp_path):
             writer.write_scalars(1, {"step": 3.0})
         with pytest.raises(ValueError, match="one element"):
             writer.write_scalars(1, {"loss": np.ones(3)})
+
+
+def test_nonfinite_values_keep_the_file_strict_json(tmp_path):
+    """NaN and infinities become null and are named under "nonfinite"; TensorBoard gets them."""
+    with MetricWriter(tmp_path) as writer:
+        writer.write_scalars(3, {"loss": float("nan"), "grad_norm": float("inf"), "lr": 0.5})
+        writer.write_scalars(4, {"loss": 1.25})
+    with open(tmp_path / "metrics.jsonl", encoding="utf-8") as file:
+        lines = file.read().splitlines()
+
+    def refuse(constant):
+        raise ValueError(constant)
+
+    first, second = (json.loads(line, parse_constant=refuse) for line in lines)
+    assert first["loss"] is None and first["grad_norm"] is None and first["lr"] == 0.5
+    assert first["nonfinite"] == ["grad_norm", "loss"]
+    assert second["loss"] == 1.25 and "nonfinite" not in second
+    events = scalar_events(read_events(tmp_path))
+    assert math.isnan(events["loss"][0][1]) and events["loss"][1] == (4, 1.25)

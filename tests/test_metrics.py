@@ -36,17 +36,36 @@ def _frechet_distance_scipy(mean_a, covariance_a, mean_b, covariance_b) -> float
 # --- matrix square root --------------------------------------------------------------------------
 
 
-@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")  # SciPy on singular input
 @pytest.mark.parametrize(("dim", "rank"), [(6, 6), (8, 3), (5, 1)])
-def test_psd_sqrtm_matches_scipy_sqrtm(dim, rank):
-    matrix = _random_psd(np.random.default_rng(dim * 10 + rank), dim, rank)
+def test_psd_sqrtm_is_the_symmetric_psd_root_of_its_closed_form(dim, rank):
+    """M = Q diag(w) Q^T with known eigenvalues w (dim - rank of them zero): its PSD square root
+    is Q diag(sqrt w) Q^T, the unique symmetric PSD R with R R = M. A singular M has other roots
+    (scipy.linalg.sqrtm may return a non-symmetric one), so the definition is what is checked."""
+    rng = np.random.default_rng(dim * 10 + rank)
+    eigenvalues = np.concatenate([rng.uniform(0.5, 3.0, rank), np.zeros(dim - rank)])
+    rotation = _random_rotation(rng, dim)
+    matrix = rotation @ np.diag(eigenvalues) @ rotation.T
+    matrix = 0.5 * (matrix + matrix.T)
     root = metrics.psd_sqrtm(matrix)
-    reference = np.real(scipy.linalg.sqrtm(matrix))
-    # SciPy's Schur method loses accuracy on singular matrices, hence the looser rank-deficient tol.
-    tolerance = 1e-10 if rank == dim else 1e-6
-    np.testing.assert_allclose(root, reference, atol=tolerance * np.linalg.norm(matrix))
-    np.testing.assert_allclose(root @ root, matrix, atol=1e-10 * np.linalg.norm(matrix))
-    assert np.linalg.eigvalsh(root).min() > -1e-10
+    scale = np.linalg.norm(matrix)
+    np.testing.assert_allclose(root @ root, matrix, atol=1e-10 * scale)
+    np.testing.assert_array_equal(root, root.T)
+    assert np.linalg.eigvalsh(root).min() > -1e-7 * np.sqrt(scale)
+    expected = rotation @ np.diag(np.sqrt(eigenvalues)) @ rotation.T
+    # A zero eigenvalue perturbed by round-off eps has a root ~ sqrt(eps): hence the looser tol.
+    np.testing.assert_allclose(
+        root, expected, atol=(1e-12 if rank == dim else 1e-7) * np.sqrt(scale)
+    )
+
+
+def test_psd_sqrtm_agrees_with_scipy_where_the_root_is_unique():
+    """A positive definite matrix has one principal square root: scipy's Schur method finds it."""
+    matrix = _random_psd(np.random.default_rng(7), 6, 6) + 0.1 * np.eye(6)
+    np.testing.assert_allclose(
+        metrics.psd_sqrtm(matrix),
+        np.real(scipy.linalg.sqrtm(matrix)),
+        atol=1e-10 * np.linalg.norm(matrix),
+    )
 
 
 def test_psd_sqrtm_rejects_non_symmetric_and_non_square():

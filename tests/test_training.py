@@ -1,4 +1,4 @@
-"""Train state, optimiser, EMA, the train step and its jit / pmap wrappers, the training loop.
+"""Train state, optimiser, EMA, the train step and its jit / shard_map wrappers, the training loop.
 
 The session simulates 4 CPU devices (tests/conftest.py). Losses are written here (a denoising loss
 whose noise comes with the batch, and one that draws its noise from the step key), so these tests
@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from diffusion import training
+from diffusion import optim, parallel, training
 from diffusion.checkpoints import CheckpointManager, abstract_state
 from diffusion.data import toy_batch
 from diffusion.metric_writers import MetricWriter
@@ -78,8 +78,8 @@ def points_batch(step: int) -> dict:
 
 
 def setup(loss_fn, *, warmup_steps=5, ema_decay=0.99, ema_warmup=False, grad_clip_norm=1.0):
-    schedule = training.learning_rate_schedule(1e-2, warmup_steps=warmup_steps)
-    optimizer = training.make_optimizer(schedule, grad_clip_norm=grad_clip_norm)
+    schedule = optim.learning_rate_schedule(1e-2, warmup_steps=warmup_steps)
+    optimizer = optim.make_optimizer(schedule, grad_clip_norm=grad_clip_norm)
     step = training.make_train_step(
         loss_fn,
         optimizer,
@@ -92,7 +92,7 @@ def setup(loss_fn, *, warmup_steps=5, ema_decay=0.99, ema_warmup=False, grad_cli
 
 
 def runner_for(step, parallelism, num_devices):
-    return training.DataParallelStep(
+    return parallel.DataParallelStep(
         step, parallelism=parallelism, devices=jax.devices()[:num_devices]
     )
 
@@ -113,7 +113,7 @@ def run_steps(runner, state, batch_fn, num_steps):
     for step in range(num_steps):
         placed, step_metrics = runner.step(placed, runner.put_batch(batch_fn(step)))
         metrics.append(step_metrics)
-    return jax.device_get(runner.host_state(placed)), jax.device_get(metrics)
+    return jax.device_get(placed), jax.device_get(metrics)
 
 
 def assert_trees_close(actual, expected, rtol=2e-5, atol=2e-6):
@@ -132,24 +132,24 @@ def host_leaves(state):
     return jax.device_get(state)
 
 
-DEVICE_CONFIGS = (("jit", 1), ("jit", 4), ("pmap", 4))
+DEVICE_CONFIGS = (("jit", 1), ("jit", 4), ("shard_map", 4))
 
 
 def test_simulated_devices():
     assert len(jax.devices()) == 4
 
 
-def test_jit_sharded_pmap_and_single_device_agree_after_20_steps():
+def test_jit_sharded_shard_map_and_single_device_agree_after_20_steps():
     """Same global batches, 20 steps: the three paths give the same params and EMA (float32)."""
     state = cached_setup(batch_noise_loss)[1]
     runners = [cached_runner(batch_noise_loss, *devices) for devices in DEVICE_CONFIGS]
     single, single_metrics = run_steps(runners[0], state, noise_batch, 20)
     sharded, sharded_metrics = run_steps(runners[1], state, noise_batch, 20)
-    pmapped, pmap_metrics = run_steps(runners[2], state, noise_batch, 20)
+    shard_mapped, shard_map_metrics = run_steps(runners[2], state, noise_batch, 20)
     # Training moved the parameters, so the comparison is not between untouched copies.
     moved = jax.tree.map(lambda a, b: np.max(np.abs(a - b)), single.params, state.params)
     assert max(jax.tree.leaves(moved)) > 1e-2
-    for other, other_metrics in ((sharded, sharded_metrics), (pmapped, pmap_metrics)):
+    for other, other_metrics in ((sharded, sharded_metrics), (shard_mapped, shard_map_metrics)):
         assert int(other.step) == 20
         assert_trees_close(other.params, single.params)
         assert_trees_close(other.ema_params, single.ema_params)
@@ -171,7 +171,7 @@ def test_sharding_does_not_change_the_random_draws():
     )
 
 
-@pytest.mark.parametrize("parallelism", ["jit", "pmap"])
+@pytest.mark.parametrize("parallelism", ["jit", "shard_map"])
 def test_k_steps_per_call_equal_k_single_calls(parallelism):
     state = cached_setup(batch_noise_loss)[1]
     runner = cached_runner(batch_noise_loss, parallelism, 4)
@@ -183,7 +183,7 @@ def test_k_steps_per_call_equal_k_single_calls(parallelism):
         stacked = jax.tree.map(lambda *leaves: np.stack(leaves), *batches)
         placed, metrics = runner.multi_step(placed, runner.put_batch(stacked, stacked=True))
         scanned_metrics.append(jax.device_get(metrics))
-    scanned = jax.device_get(runner.host_state(placed))
+    scanned = jax.device_get(placed)
     assert int(scanned.step) == 8
     assert_trees_close(scanned.params, single.params, rtol=1e-6, atol=1e-7)
     assert_trees_close(scanned.ema_params, single.ema_params, rtol=1e-6, atol=1e-7)
@@ -218,8 +218,8 @@ def test_ema_equals_hand_recursion(ema_warmup):
 
 def test_warmup_and_cosine_learning_rates_match_closed_forms():
     peak, warmup, total, final = 2e-4, 100, 1100, 2e-5
-    constant = training.learning_rate_schedule(peak, warmup_steps=warmup)
-    cosine = training.learning_rate_schedule(
+    constant = optim.learning_rate_schedule(peak, warmup_steps=warmup)
+    cosine = optim.learning_rate_schedule(
         peak, warmup_steps=warmup, decay="cosine", total_steps=total, final_learning_rate=final
     )
     for schedule in (constant, cosine):
@@ -234,7 +234,7 @@ def test_warmup_and_cosine_learning_rates_match_closed_forms():
         expected = final + (peak - final) * (1 + math.cos(math.pi * fraction)) / 2
         assert float(cosine(step)) == pytest.approx(expected, rel=1e-5)
     assert float(cosine(5000)) == pytest.approx(final, rel=1e-6)
-    no_warmup = training.learning_rate_schedule(peak)
+    no_warmup = optim.learning_rate_schedule(peak)
     assert float(no_warmup(0)) == pytest.approx(peak, rel=1e-6)
 
 
@@ -255,8 +255,8 @@ def test_clipping_bounds_the_gradient_adam_sees():
     """First Adam step (bias-corrected moments m = g, v = g^2) moves params by
     -lr g_c / (|g_c| + eps) with g_c = g min(1, c / ||g||); eps = 1 makes the scale visible."""
     lr, clip, eps = 0.1, 1e-3, 1.0
-    optimizer = training.make_optimizer(lr, eps=eps, grad_clip_norm=clip)
-    unclipped_optimizer = training.make_optimizer(lr, eps=eps, grad_clip_norm=None)
+    optimizer = optim.make_optimizer(lr, eps=eps, grad_clip_norm=clip)
+    unclipped_optimizer = optim.make_optimizer(lr, eps=eps, grad_clip_norm=None)
     params = init_params()
     batch = noise_batch(0)
     grads = jax.grad(lambda p: batch_noise_loss(p, batch, None)[0])(params)
@@ -295,14 +295,14 @@ def test_step_randomness_depends_only_on_key_and_step():
     )
     _, other_metrics = jax.jit(sgd_step)(other, points_batch(5))
     assert float(other_metrics["probe"]) == draws[2]
-    # pmap: device d draws with fold_in(step key, d); the reported probe is their mean.
-    pmap_runner = cached_runner(key_noise_loss, "pmap", 4)
-    _, pmap_metrics = pmap_runner.step(
-        pmap_runner.put_state(state), pmap_runner.put_batch(points_batch(0))
+    # shard_map: device d draws with fold_in(step key, d); the reported probe is their mean.
+    shard_map_runner = cached_runner(key_noise_loss, "shard_map", 4)
+    _, shard_map_metrics = shard_map_runner.step(
+        shard_map_runner.put_state(state), shard_map_runner.put_batch(points_batch(0))
     )
     step_key = jax.random.fold_in(base_key, 0)
     device_draws = [float(probe(jax.random.fold_in(step_key, d))) for d in range(4)]
-    assert float(pmap_metrics["probe"]) == pytest.approx(np.mean(device_draws), rel=1e-6)
+    assert float(shard_map_metrics["probe"]) == pytest.approx(np.mean(device_draws), rel=1e-6)
 
 
 class RecordingWriter:
@@ -313,7 +313,7 @@ class RecordingWriter:
         self.records.append((step, dict(scalars)))
 
 
-@pytest.mark.parametrize(("parallelism", "steps_per_call"), [("jit", 1), ("pmap", 2)])
+@pytest.mark.parametrize(("parallelism", "steps_per_call"), [("jit", 1), ("shard_map", 2)])
 def test_exact_resume_from_checkpoint(tmp_path, parallelism, steps_per_call):
     """12 uninterrupted steps == 6 steps, checkpoint, fresh objects, restore, 6 steps: bitwise."""
 
@@ -379,8 +379,7 @@ def test_exact_resume_from_checkpoint(tmp_path, parallelism, steps_per_call):
     assert_trees_equal(host_leaves(resumed), host_leaves(uninterrupted))
 
 
-def test_single_process_distributed_helpers():
-    assert training.initialize_distributed(False) == (0, 1)
+def test_global_batch_of_one_process_is_split_across_its_devices():
     runner = runner_for(
         training.make_train_step(
             batch_noise_loss, optax.sgd(0.1), learning_rate_fn=0.1, ema_decay=0.0
@@ -389,7 +388,7 @@ def test_single_process_distributed_helpers():
         4,
     )
     local = noise_batch(0)
-    global_batch = training.make_global_batch(local, runner.batch_sharding)
+    global_batch = parallel.make_global_batch(local, runner.batch_sharding)
     for name, leaf in global_batch.items():
         np.testing.assert_array_equal(np.asarray(leaf), local[name])
         shards = sorted(leaf.addressable_shards, key=lambda shard: shard.device.id)
@@ -401,21 +400,21 @@ def test_single_process_distributed_helpers():
 
 def test_bad_arguments_raise_early():
     with pytest.raises(ValueError, match="parallelism"):
-        training.DataParallelStep(lambda state, batch: (state, {}), parallelism="pjit")
+        parallel.DataParallelStep(lambda state, batch: (state, {}), parallelism="pjit")
     with pytest.raises(ValueError, match="optimizer"):
-        training.make_optimizer(1e-3, name="sgd")
+        optim.make_optimizer(1e-3, name="sgd")
     with pytest.raises(ValueError, match="adamw"):
-        training.make_optimizer(1e-3, weight_decay=0.1)
+        optim.make_optimizer(1e-3, weight_decay=0.1)
     with pytest.raises(ValueError, match="total_steps"):
-        training.learning_rate_schedule(1e-3, warmup_steps=10, decay="cosine")
+        optim.learning_rate_schedule(1e-3, warmup_steps=10, decay="cosine")
     with pytest.raises(ValueError, match="decay"):
-        training.learning_rate_schedule(1e-3, decay="linear")
+        optim.learning_rate_schedule(1e-3, decay="linear")
     with pytest.raises(ValueError, match="ema_decay"):
         training.make_train_step(
             batch_noise_loss, optax.sgd(0.1), learning_rate_fn=0.1, ema_decay=1.5
         )
     state = cached_setup(batch_noise_loss)[1]
-    runner = cached_runner(batch_noise_loss, "pmap", 4)
+    runner = cached_runner(batch_noise_loss, "shard_map", 4)
     with pytest.raises(ValueError, match="not divisible"):
         runner.put_batch({"x0": np.zeros((6, 2))})
     with pytest.raises(ValueError, match="log_every"):
@@ -449,3 +448,102 @@ def test_snapshot_fn_samples_with_the_step_key_and_writes_through_the_writer(tmp
     assert (tmp_path / "samples" / "points_00000040.png").exists()
     with pytest.raises(ValueError, match="kind"):
         training.make_snapshot_fn(sample_images, writer, key, kind="video")
+
+
+def nan_on_step(bad_steps):
+    """batch_noise_loss whose batch carries a NaN on the given steps (the loss is NaN there)."""
+
+    def batch_fn(step):
+        batch = noise_batch(step)
+        if step in bad_steps:
+            batch["x0"] = batch["x0"].copy()
+            batch["x0"][0, 0] = np.nan
+        return batch
+
+    return batch_fn
+
+
+def test_nonfinite_updates_are_skipped_and_counted():
+    """A NaN in one batch: that update changes nothing (params, EMA, optimiser state), the next
+    ones apply as if it had never been tried, and the count is reported."""
+    state = cached_setup(batch_noise_loss)[1]
+    runner = cached_runner(batch_noise_loss, "jit", 4)
+    writer = RecordingWriter()
+    guarded = training.train_loop(
+        state, runner, nan_on_step({3}), num_steps=6, log_every=3, writer=writer, progress=False
+    )
+    assert [scalars["nonfinite_steps"] for _, scalars in writer.records] == [0.0, 1.0]
+    assert math.isnan(writer.records[1][1]["loss"])  # the window's mean includes the NaN step
+    assert int(guarded.nonfinite_streak) == 0 and int(guarded.step) == 6
+    for leaf in jax.tree.leaves(jax.device_get((guarded.params, guarded.ema_params))):
+        assert np.all(np.isfinite(leaf))
+    # Step by step: the NaN step is the identity on params, EMA and optimiser state.
+    placed = runner.put_state(state)
+    for step in range(3):
+        placed, _ = runner.step(placed, runner.put_batch(noise_batch(step)))
+    before = host_leaves(placed)
+    placed, metrics = runner.step(placed, runner.put_batch(nan_on_step({3})(3)))
+    after = host_leaves(placed)
+    assert float(metrics["nonfinite"]) == 1.0 and int(after.nonfinite_streak) == 1
+    assert_trees_equal(
+        (after.params, after.ema_params, after.opt_state),
+        (before.params, before.ema_params, before.opt_state),
+    )
+    assert int(after.step) == 4
+
+
+def test_consecutive_nonfinite_updates_stop_the_run(tmp_path):
+    """With a learning rate of 1e6 the loss overflows; after max_nonfinite_steps skipped updates
+    in a row the loop raises, every checkpoint written is finite and none is written after."""
+    optimizer = optim.make_optimizer(1e6, grad_clip_norm=None)
+    step_fn = training.make_train_step(
+        batch_noise_loss, optimizer, learning_rate_fn=1e6, ema_decay=0.5
+    )
+    state = training.create_train_state(init_params(), optimizer, jax.random.key(0))
+    runner = runner_for(step_fn, "jit", 1)
+    with CheckpointManager(tmp_path, save_every=2, keep_last=None) as manager:
+        with pytest.raises(training.NonFiniteTrainingError, match="non-finite") as raised:
+            training.train_loop(
+                state,
+                runner,
+                noise_batch,
+                num_steps=200,
+                log_every=2,
+                checkpoint_manager=manager,
+                max_nonfinite_steps=3,
+                progress=False,
+            )
+        steps = manager.all_steps()
+        target = abstract_state(jax.eval_shape(lambda: state))
+        for step in steps:
+            restored = manager.restore(target, step=step)
+            for leaf in jax.tree.leaves(jax.device_get((restored.params, restored.ema_params))):
+                assert np.all(np.isfinite(leaf))
+    error = raised.value
+    assert error.streak == 3 and error.step < 200
+    assert steps and max(steps) <= error.step
+
+
+def test_stop_request_checkpoints_the_step_reached(tmp_path):
+    """stop_requested() true after step 5: the loop saves step 5 (not a save step) and returns."""
+    state = cached_setup(key_noise_loss)[1]
+    runner = cached_runner(key_noise_loss, "jit", 4)
+    calls = []
+
+    def stop_requested():
+        calls.append(None)
+        return len(calls) == 5
+
+    with CheckpointManager(tmp_path, save_every=4) as manager:
+        stopped = training.train_loop(
+            state,
+            runner,
+            points_batch,
+            num_steps=12,
+            log_every=4,
+            checkpoint_manager=manager,
+            stop_requested=stop_requested,
+            progress=False,
+        )
+        assert int(stopped.step) == 5
+        assert manager.all_steps() == [4, 5]

@@ -78,8 +78,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.training.min_snr_gamma = 5.0
     config.training.ema_decay = 0.9999
     config.training.ema_warmup = False
-    config.training.parallelism = "jit"  # jit (sharded over all local devices) | pmap
+    config.training.parallelism = "jit"  # jit (XLA partitions the step) | shard_map (per device)
     config.training.steps_per_call = 1
+    # Stop after this many consecutive updates with a non-finite loss or gradient (each is skipped).
+    config.training.max_nonfinite_steps = 10
 
     config.optim = ml_collections.ConfigDict()
     config.optim.optimizer = "adam"
