@@ -405,7 +405,7 @@ def init_classifier(
     """A ``Classifier`` of a Flax ``module(x, t_in) -> logits`` with freshly initialised params."""
     example_x = jnp.asarray(example_x)[:1]
     t_in = network_time(process, jnp.full((1,), process.T, example_x.dtype), time_input)
-    params = module.init(key, example_x, t_in)["params"]
+    params = jax.jit(module.init)(key, example_x, t_in)["params"]  # one compile, not op by op
     return Classifier(
         params=params,
         apply_fn=_FlaxApply(module),
