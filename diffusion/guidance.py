@@ -32,9 +32,11 @@ Inpainting
 ----------
 ``Inpainting`` pins the known part of the data: its x0 prediction there is the known value y and
 its eps there is (x - alpha y) / sigma, so every sampler moves the known coordinates of its state
-as the reverse process of the point mass at y (exactly so for ancestral 'beta_tilde' steps, DDIM and
-the probability-flow ODE, whose known coordinates then stay distributed as the noised copy
-q(x_t | x_0 = y)). The unknown coordinates are predicted by the inner denoiser at the sampler's
+as the reverse process of the point mass at y. For ancestral 'beta_tilde' steps, DDIM and the
+probability-flow ODE that reverse process is exact: (x_t - alpha_t y) / sigma_t is constant along
+DDIM and the ODE, and the ancestral step draws from q(x_s | x_t, x_0 = y), so the known coordinates
+stay distributed as the noised copy q(x_t | x_0 = y) (given x_T from it, which the prior matches up
+to alpha_T y). The unknown coordinates are predicted by the inner denoiser at the sampler's
 state, whose known part is that noised copy: this is score_sde's replacement (Song et al. 2021,
 App. I.2), with the noised copy carried by the sampler instead of redrawn. With ``replacement_key``
 the network instead sees a fresh copy alpha_t y + sigma_t z at every call (score_sde's literal
@@ -174,12 +176,12 @@ class ClassifierFreeGuidance(DenoiserViews):
 
     * ``interval``: (low, high) where guidance is applied, plain conditional (w = 1) outside
       (Kynkäänniemi et al. 2024, "Applying guidance in a limited interval improves sample and
-      distribution quality in diffusion models", Sec. 3). With ``interval_variable='sigma'`` it is
+      distribution quality in diffusion models"). With ``interval_variable='sigma'`` it is
       the EDM noise level sigma_hat = sigma / alpha = exp(-lambda) in (low, high] (the paper's
       convention, so its numbers transfer to every process); with 'log_snr' the half log-SNR lambda
       in [low, high), the same set for low = -log(high_sigma), high = -log(low_sigma).
     * ``rescale``: phi of rescaled CFG (Lin et al. 2024, "Common diffusion noise schedules and
-      sample steps are flawed", Sec. 3.4, eqs. 15-18): the guided prediction is scaled per example
+      sample steps are flawed", Sec. 3.4): the guided prediction is scaled per example
       to the standard deviation of the conditional one and mixed, phi rescaled + (1 - phi) guided
       (phi = 0.7 in the paper; 0 disables). ``rescale_prediction`` says which prediction is
       rescaled: 'x0' (the image whose over-exposure the paper corrects) or 'eps' (as diffusers
@@ -284,7 +286,7 @@ class ClassifierFreeGuidance(DenoiserViews):
         x0 = x0_uncond + weight * (x0_cond - x0_uncond)
         if self.rescale == 0.0:
             return eps, x0
-        # Lin et al. 2024, eqs. 16-18: rescale to the conditional prediction's std, mix with phi.
+        # Lin et al. 2024, Sec. 3.4: rescale to the conditional prediction's std, mix with phi.
         guided, conditional = (x0, x0_cond) if self.rescale_prediction == "x0" else (eps, eps_cond)
         rescaled = guided * (_std_per_example(conditional) / _std_per_example(guided))
         mixed = self.rescale * rescaled + (1.0 - self.rescale) * guided

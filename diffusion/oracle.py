@@ -18,7 +18,7 @@ see y, p_t(x | y) = sum_{k in y} w_k N(alpha_t mu_k, alpha_t^2 C_k + sigma_t^2 I
 W_y = sum_{k in y} w_k: the class-conditional density, score and posterior mean are those of the
 class's sub-mixture, exactly, under every process; Bayes' rule gives the exact noisy classifier
 p_t(y | x) = W_y p_t(x | y) / p_t(x) (``class_log_prob``), so grad log p_t(x | y) = grad log p_t(x) +
-grad log p_t(y | x) (Dhariwal & Nichol 2021, Sec. 4.1) holds with every term in closed form. Every
+grad log p_t(y | x) (Song et al. 2021, Sec. 5.3) holds with every term in closed form. Every
 density method takes optional ``labels``; the label ``num_classes`` is the null label (unconditional),
 as in the networks' label embedding (Ho & Salimans 2022).
 """
@@ -251,8 +251,9 @@ class GaussianMixture:
         (length D, entries outside the mask ignored; or of the number of known coordinates). Each
         component conditions as a Gaussian (mean mu_u + C_uk C_kk^{-1} (y - mu_k), covariance
         C_uu - C_uk C_kk^{-1} C_ku; Bishop 2006, eqs. 2.81-2.82) and its weight becomes
-        w_k N(y; mu_k, C_kk) / sum_j w_j N(y; mu_j, C_jj) (Bishop 2006, eq. 2.115 applied per
-        component). Host (numpy, float64) computation for tests and references; labels are kept.
+        w_k N(y; mu_k, C_kk) / sum_j w_j N(y; mu_j, C_jj) (Bayes' rule over the components, with
+        each component's marginal of the known coordinates). Host (numpy, float64) computation for
+        tests and references; labels are kept.
         """
         known = np.asarray(known, dtype=bool).reshape(-1)
         if known.shape != (self.dim,) or known.all() or not known.any():

@@ -491,6 +491,33 @@ def test_inpainting_predictions_are_exact_for_an_independent_unknown_block(x64):
             np.testing.assert_array_equal(inpainted.paste(x)[:, :2], x[:, :2])
 
 
+class ImageOracleEps:
+    """The oracle of 4-D data seen as 2x2x1 images: a network on NHWC arrays."""
+
+    def __init__(self, process):
+        self.process = process
+
+    def __call__(self, oracle, x, t):
+        return oracle.eps(self.process, x.reshape(x.shape[0], -1), t).reshape(x.shape)
+
+
+def test_inpainting_images_with_a_named_mask(x64):
+    """NHWC: a (H, W, C) mask broadcasts over the batch; the known pixels' x0 is the known image and
+    the unknown pixels' predictions are the flat oracle's at the same state."""
+    oracle, _ = block_gaussian()
+    process = P.VPSDE()
+    denoiser = Denoiser(params=oracle, apply_fn=ImageOracleEps(process), process=process)
+    mask = G.inpainting_mask("left_half", (2, 2, 1))  # known: the right column = coordinates 1, 3
+    known_images = jax.random.normal(jax.random.PRNGKey(20), (3, 2, 2, 1), jnp.float64)
+    x, t = points(process, oracle, 3, 21)
+    images = x.reshape(3, 2, 2, 1)
+    eps, x0 = G.Inpainting(denoiser, known_images, mask).predict(images, t)
+    np.testing.assert_array_equal(x0[:, :, 1], known_images[:, :, 1])
+    np.testing.assert_allclose(
+        eps[:, :, 0].reshape(3, 2), oracle.eps(process, x, t)[:, [0, 2]], rtol=1e-12
+    )
+
+
 def test_fresh_replacement_noise_is_a_function_of_key_time_and_row():
     oracle, _ = block_gaussian()
     process = P.VPSDE()

@@ -119,7 +119,8 @@ def test_gaussian_ode_flow_matches_a_numerical_solve(name, x64):
     def rhs(t, y):
         return np.asarray(velocity(jnp.asarray(y.reshape(2, 2)), t)).ravel()
 
-    knots = getattr(process, "chain_times", np.array([]))
+    knots = getattr(process, "chain_times", None)  # None (or absent) for a continuous process
+    knots = np.array([]) if knots is None else np.asarray(knots)
     inner = np.sort(knots[(knots > t_stop) & (knots < t_start)])[::-1]
     y = x_start.ravel()
     for t_from, t_to in zip(np.r_[t_start, inner], np.r_[inner, t_stop], strict=True):
@@ -220,8 +221,8 @@ def test_class_conditional_is_the_sub_mixture_of_the_class(name, x64):
 
 @pytest.mark.parametrize("name", ["vp", "ve", "edm"])
 def test_bayes_rule_links_conditional_score_and_noisy_classifier(name, x64):
-    """grad log p_t(x | y) = grad log p_t(x) + grad log p_t(y | x) (Dhariwal & Nichol 2021, eq. 2
-    in score form), each side by its own route: the conditional score in closed form, the classifier
+    """grad log p_t(x | y) = grad log p_t(x) + grad log p_t(y | x) (Bayes' rule; Song et al. 2021,
+    Sec. 5.3), each side by its own route: the conditional score in closed form, the classifier
     gradient by autodiff of ``class_log_prob``; and the conditional score is the gradient of the
     conditional log-density."""
     process = P.make_process(name)
