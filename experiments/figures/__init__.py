@@ -11,8 +11,33 @@ Applied Mathematicians"; Chan 2024, "Tutorial on Diffusion Models for Imaging an
 "On the Design Fundamentals of Diffusion Models".
 """
 
-# Importing a figure module registers its figures, in the order of this list.
-from experiments.figures import forward, indi, pde, score_matching, scores, sde  # noqa: F401
+# Importing a figure module registers its figures.
+from experiments.figures import (  # noqa: F401
+    ddpm_experiment,
+    forward,
+    indi,
+    pde,
+    schedules,
+    score_matching,
+    scores,
+    sde,
+)
 from experiments.figures.base import FIGURES, Figure, FigureContext, run_figure
+
+# The order of --list and --figure=all: the texts' order, the trained-model figure last.
+ORDER = (
+    "forward_process",
+    "scores_langevin",
+    "score_matching",
+    "sde_demos",
+    "indi",
+    "pde",
+    "schedules",
+    "ddpm_experiment",
+)
+_registered = dict(FIGURES)
+FIGURES.clear()
+FIGURES.update({name: _registered.pop(name) for name in ORDER if name in _registered})
+FIGURES.update(_registered)
 
 __all__ = ["FIGURES", "Figure", "FigureContext", "run_figure"]

@@ -1,4 +1,5 @@
-"""python -m experiments.figures --figure=NAME|all --workdir=DIR [--quick] [--checkpoint_dir=RUN] | --list
+"""python -m experiments.figures --figure=NAME|all --workdir=DIR [--quick] [--checkpoint_dir=RUN]
+[--thumbnails=docs/figures] | --list
 
 Writes DIR/NAME.png and DIR/NAME.json per figure and prints each figure's checks (measured against
 exact). Exit status 0 when every check passed, 1 when one failed, 2 for a bad command line.
@@ -11,6 +12,7 @@ import os
 import sys
 
 from experiments.figures import FIGURES, FigureContext, run_figure
+from experiments.figures.base import write_thumbnail
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -30,6 +32,11 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--list", action="store_true", help="list the figures and exit")
     parser.add_argument("--quick", action="store_true", help="small sizes (seconds per figure)")
     parser.add_argument("--seed", type=int, default=0, help="root PRNG seed (default 0)")
+    parser.add_argument(
+        "--thumbnails",
+        default=None,
+        help="also write a small copy of each figure to THUMBNAILS/NAME.png (e.g. docs/figures)",
+    )
     parser.add_argument(
         "--checkpoint_dir",
         default=None,
@@ -81,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, FileNotFoundError) as error:
             print(f"error: figure {name!r}: {error}", file=sys.stderr)
             return 2
+        if args.thumbnails is not None:
+            write_thumbnail(record["png"], os.path.join(args.thumbnails, f"{name}.png"))
         checks = record.get("checks", [])
         passed = sum(check["passed"] for check in checks)
         print(
@@ -89,6 +98,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         for check in checks:
             print(_format_check(check))
+        for item in record.get("measurements", []):
+            value = item["value"]
+            shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+            print(f"  --   {item['quantity']}: {shown}")
         if passed < len(checks):
             failed.append(name)
     if failed:

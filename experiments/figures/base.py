@@ -5,7 +5,10 @@ It computes its numbers with the library (``diffusion.*``), draws them with matp
 (the object API, no pyplot state) and returns a JSON-able record:
 
     {"settings": {...}, "checks": [{"quantity", "measured", "exact", "tolerance", "passed"}, ...],
-     "data": {...the numbers behind the plot...}}
+     "measurements": [{"quantity", "value"}, ...], "data": {...the numbers behind the plot...}}
+
+Checks compare a number with its exact counterpart; measurements (a trained model's class
+histogram, say) have none and are reported as they are.
 
 ``run_figure`` writes ``DIR/<name>.png`` and ``DIR/<name>.json`` (both atomically).
 """
@@ -32,11 +35,14 @@ __all__ = [
     "Check",
     "Figure",
     "FigureContext",
+    "bound_check",
     "check",
+    "measurement",
     "new_figure",
     "register",
     "run_figure",
     "to_jsonable",
+    "write_thumbnail",
 ]
 
 
@@ -122,6 +128,14 @@ def check(
     return record
 
 
+def measurement(quantity: str, value: Any, *, note: str = "") -> dict[str, Any]:
+    """A measured number with no exact counterpart (e.g. a trained model's class histogram)."""
+    record = {"quantity": quantity, "value": value}
+    if note:
+        record["note"] = note
+    return record
+
+
 def bound_check(quantity: str, measured: float, upper: float, *, note: str = "") -> Check:
     """A measured number that must not exceed ``upper`` (a statistic against its critical value)."""
     record = {
@@ -185,6 +199,21 @@ def run_figure(figure: Figure, context: FigureContext) -> dict[str, Any]:
     text = json.dumps(to_jsonable(record), indent=2).encode()
     write_atomically(context.path(f"{figure.name}.json"), lambda file: file.write(text))
     return record
+
+
+def write_thumbnail(
+    png_path: str, thumbnail_path: str, width: int = 480, colours: int = 64
+) -> None:
+    """A small copy of a figure for a README grid: ``width`` pixels wide, a ``colours``-colour
+    palette (a few tens of kB per figure)."""
+    from PIL import Image
+
+    with Image.open(png_path) as picture:
+        picture = picture.convert("RGB")
+        height = max(1, round(picture.height * width / picture.width))
+        small = picture.resize((width, height), Image.Resampling.LANCZOS)
+    small = small.quantize(colors=colours, method=Image.Quantize.MEDIANCUT)
+    write_atomically(thumbnail_path, lambda file: small.save(file, format="PNG", optimize=True))
 
 
 def save(figure: MplFigure, context: FigureContext, name: str, dpi: int = 100) -> str:
