@@ -84,6 +84,7 @@ __all__ = [
     "inpainting_mask",
     "noisy_classifier_loss",
     "repaint",
+    "sampling_labels",
     "train_noisy_classifier",
 ]
 
@@ -138,6 +139,29 @@ def _require_real(name: str, value: Any, low: float = -math.inf, high: float = m
         raise ValueError(f"{name} must be a real number, got {value!r}")
     if not (math.isfinite(float(array)) and low <= float(array) <= high):
         raise ValueError(f"{name}={float(array)!r} must be a finite number in [{low}, {high}]")
+
+
+def sampling_labels(spec: int | Sequence[int] | str, num_classes: int, num: int) -> np.ndarray:
+    """(num,) int32 labels for a conditional sampling run, grouped by class.
+
+    ``spec``: one label (every row), a sequence of labels (an equal share of each, in that order),
+    or 'all' (an equal share of every class, 0..num_classes-1). Shares differ by at most one row
+    (the first classes get the extra rows), and each class's rows are contiguous, so a grid with
+    num // len(classes) columns shows one class per row.
+    """
+    if isinstance(spec, str):
+        if spec != "all":
+            raise ValueError(f"labels must be 'all', one label or a list of labels, got {spec!r}")
+        classes = np.arange(num_classes)
+    else:
+        classes = np.asarray(spec).reshape(-1)
+        if classes.size == 0:
+            raise ValueError("labels must name at least one class")
+    classes = np.asarray(check_labels(classes, num_classes))
+    if not (isinstance(num, int | np.integer) and num >= 1):
+        raise ValueError(f"num must be an integer >= 1, got {num!r}")
+    counts = [len(part) for part in np.array_split(np.arange(num), len(classes))]
+    return np.repeat(classes, counts).astype(np.int32)
 
 
 def evaluations_per_call(denoiser: Any) -> int:

@@ -647,6 +647,19 @@ def test_replacement_is_biased_on_correlated_data_and_resampling_reduces_the_bia
     assert biases[10][1] < biases[1][1] / 2.5, biases
 
 
+def test_sampling_labels():
+    np.testing.assert_array_equal(G.sampling_labels("all", 3, 7), [0, 0, 0, 1, 1, 2, 2])
+    np.testing.assert_array_equal(G.sampling_labels(2, 3, 3), [2, 2, 2])
+    np.testing.assert_array_equal(G.sampling_labels([2, 0], 3, 4), [2, 2, 0, 0])
+    assert G.sampling_labels("all", 10, 100).dtype == np.int32
+    with pytest.raises(ValueError, match="label 3 is out of range"):
+        G.sampling_labels([0, 3], 3, 4)
+    with pytest.raises(ValueError, match="'some'"):
+        G.sampling_labels("some", 3, 4)
+    with pytest.raises(ValueError, match="num must be"):
+        G.sampling_labels("all", 3, 0)
+
+
 # ================================================================================ bad input
 def test_bad_guidance_arguments():
     process = P.VPSDE()
