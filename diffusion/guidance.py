@@ -312,7 +312,9 @@ class ClassifierFreeGuidance(DenoiserViews):
             return eps, x0
         # Lin et al. 2024, Sec. 3.4: rescale to the conditional prediction's std, mix with phi.
         guided, conditional = (x0, x0_cond) if self.rescale_prediction == "x0" else (eps, eps_cond)
-        rescaled = guided * (_std_per_example(conditional) / _std_per_example(guided))
+        std_guided = _std_per_example(guided)  # 0 only for constant (e.g. 1-D) predictions
+        ratio = _std_per_example(conditional) / jnp.where(std_guided > 0, std_guided, 1.0)
+        rescaled = guided * jnp.where(std_guided > 0, ratio, 1.0)
         mixed = self.rescale * rescaled + (1.0 - self.rescale) * guided
         if self.rescale_prediction == "x0":
             return (x - alpha * mixed) / sigma, mixed

@@ -194,6 +194,14 @@ def test_rescaled_cfg(prediction, x64):
     np.testing.assert_allclose(alpha * x0 + sigma * eps, x, rtol=1e-10, atol=1e-12)
     for view_got, view_want in zip(guided(1.0, 0.7).predict(x, t), conditional, strict=True):
         np.testing.assert_allclose(view_got, view_want, rtol=1e-10, atol=1e-12)
+    # 1-D data: a per-example std of one number is 0, and the rescale leaves the prediction alone
+    line = O.gaussian_mixture([1.0, 1.0], [[-1.0], [1.0]], [np.ones(1), np.ones(1)], labels=[0, 1])
+    x1 = x[:, :1]
+    one_d = G.ClassifierFreeGuidance(
+        line.denoiser(process), 1, 3.0, num_classes=2, rescale=1.0, rescale_prediction=prediction
+    )
+    unscaled = G.ClassifierFreeGuidance(line.denoiser(process), 1, 3.0, num_classes=2)
+    np.testing.assert_allclose(one_d.eps(x1, t), unscaled.eps(x1, t), rtol=1e-12)
 
 
 # ================================================================================ classifier guidance
