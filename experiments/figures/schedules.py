@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from diffusion import data
-from diffusion.images import to_uint8
+from diffusion.images import save_image_grid
 from diffusion.parameterization import Denoiser
 from diffusion.processes import DDPM, PROCESSES, Process, make_process
 from experiments.figures import common, runs
@@ -213,7 +213,7 @@ def _trained_model_panel(context: FigureContext):
             worst,
             0.0,
             1e-4,
-            note="float32 network; ||eps - eps^||^2 = SNR ||x0 - x0^||^2",
+            note="the views are affine in one another: ||eps - eps^||^2 = SNR ||x0 - x0^||^2",
         )
     ]
     variance = float(jnp.var(images))
@@ -357,13 +357,12 @@ def schedules(context: FigureContext) -> dict:
         record["data"]["trained"] = trained["rows"]
         record["settings"]["checkpoint_dir"] = context.checkpoint_dir
         record["settings"]["checkpoint_step"] = trained["step"]
-        strip = np.concatenate(
-            [np.concatenate(s, axis=1) for s in trained["strips"]], axis=0
-        )  # rows: t; columns: x_t, x0 view, eps view
-        from diffusion.images import save_png
-
-        save_png(
+        # Rows: x_t, the x0 view and the eps view of one test image; columns: t increasing.
+        views_grid = np.stack([np.stack(view) for view in zip(*trained["strips"], strict=True)])
+        save_image_grid(
             context.path("schedules_views.png"),
-            to_uint8(strip, trained["data_range"]).repeat(4, 0).repeat(4, 1),
+            views_grid.reshape(-1, *views_grid.shape[2:]),
+            trained["data_range"],
+            num_columns=len(trained["strips"]),
         )
     return record
