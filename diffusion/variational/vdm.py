@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -266,8 +266,9 @@ _schedule_gets_squared_loss_gradient.defvjp(_squared_forward, _squared_backward)
 class VDMLoss:
     """Kingma et al. 2021's VLB as a training loss, in bits per dimension.
 
-    ``loss_fn(params, batch, key, *, train=True) -> (loss, aux)`` like ``DenoisingLoss``. Per example
-    (nats, then / (D ln 2)):
+    ``loss_fn(params, batch, key, *, train=True) -> (loss, aux)`` like ``DenoisingLoss``: it evaluates
+    ``denoiser.replace(params=...)`` (the denoiser is built once by the caller and shared with the
+    samplers). Per example (nats, then / (D ln 2)):
 
       prior          KL(q(z_T | x) || N(0, prior_std^2 I))          (their eq. 8 / ``loss_klz``)
       reconstruction -log p(x | z_{t_min}), the decoder of their Sec. 3.3 built from q(z_{t_min} | x):
@@ -280,21 +281,18 @@ class VDMLoss:
                      s = t_{i-1} of N uniform steps (their eq. 13 with eq. 11's KLs)
 
     Times are antithetic by default (t_i = (u + i/B) mod 1 mapped to [t_min, T], their
-    ``antithetic_time_sampling``). ``params`` is the denoiser's parameters for a fixed ``process``, or
-    ``{'denoiser': ..., 'schedule': ...}`` with ``process=None``: a ``LearnedSchedule`` built from
-    params['schedule'] (``init_schedule_params``) and the gradient of E[L_diffusion^2] for it when
-    ``variance_gradient`` (module docstring; E[L] otherwise).
+    ``antithetic_time_sampling``). The key is split once into (time, noise, decoder, dropout) keys;
+    eps = normal(noise key, x.shape). ``params`` is the network's parameters, or with
+    ``train_schedule=True`` (the denoiser's process a ``LearnedSchedule``, whose end points are kept)
+    ``{'denoiser': ..., 'schedule': ...}``: the schedule is the process with params['schedule'] and
+    receives the gradient of E[L_diffusion^2] when ``variance_gradient`` (module docstring; E[L]
+    otherwise).
 
     aux: 'bpd' and its parts 'bpd_prior', 'bpd_reconstruction', 'bpd_diffusion', and 'eps_mse'.
     """
 
-    apply_fn: Callable[..., Array]
-    parameterization: str = "eps"
-    time_input: str = "t"
-    sigma_data: float = 0.5
-    process: Process | None = None
-    gamma_min: float = GAMMA_MIN
-    gamma_max: float = GAMMA_MAX
+    denoiser: Denoiser
+    train_schedule: bool = False
     num_steps: int = 0
     decoder: str = "gaussian"
     antithetic: bool = True
@@ -302,8 +300,15 @@ class VDMLoss:
     num_classes: int | None = None
 
     def __post_init__(self):
-        if self.process is not None and not isinstance(self.process, Process):
-            raise ValueError(f"process must be a Process or None (learned), got {self.process!r}")
+        if not isinstance(self.denoiser, Denoiser):
+            raise ValueError(
+                f"denoiser must be a diffusion.parameterization.Denoiser, got {self.denoiser!r}"
+            )
+        if self.train_schedule and not isinstance(self.denoiser.process, LearnedSchedule):
+            raise ValueError(
+                "train_schedule=True needs the denoiser's process to be a LearnedSchedule, got "
+                f"{type(self.denoiser.process).__name__}"
+            )
         if not (isinstance(self.num_steps, int) and self.num_steps >= 0):
             raise ValueError(
                 f"num_steps must be an int >= 0 (0: continuous time), got {self.num_steps!r}"
@@ -314,37 +319,26 @@ class VDMLoss:
             isinstance(self.num_classes, int) and self.num_classes >= 1
         ):
             raise ValueError(f"num_classes must be None or an int >= 1, got {self.num_classes!r}")
-        # Checks gamma_min/gamma_max, parameterization, time_input and sigma_data.
-        self._denoiser(None, self._process(linear_schedule_params(1)))
 
     # ------------------------------------------------------------------ pieces
     @property
     def learned(self) -> bool:
-        return self.process is None
+        return self.train_schedule
 
     def _process(self, schedule_params: Any) -> Process:
         if not self.learned:
-            return self.process
-        return LearnedSchedule(
-            params=schedule_params, gamma_min=self.gamma_min, gamma_max=self.gamma_max
-        )
+            return self.denoiser.process
+        return dataclasses.replace(self.denoiser.process, params=schedule_params)
 
     def _denoiser(self, params: Any, process: Process) -> Denoiser:
-        return Denoiser(
-            params=params,
-            apply_fn=self.apply_fn,
-            process=process,
-            parameterization=self.parameterization,
-            time_input=self.time_input,
-            sigma_data=self.sigma_data,
-        )
+        return self.denoiser.replace(params=params, process=process)
 
     def _split_params(self, params: Any) -> tuple[Any, Any]:
         if not self.learned:
             return params, None
         if not (isinstance(params, Mapping) and set(params) == {"denoiser", "schedule"}):
             raise ValueError(
-                "with a learned schedule params must be {'denoiser': ..., 'schedule': ...}"
+                "with train_schedule=True params must be {'denoiser': ..., 'schedule': ...}"
             )
         return params["denoiser"], params["schedule"]
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -52,13 +52,8 @@ from jax import Array
 from jax.typing import ArrayLike
 
 from diffusion.likelihood import bits_per_dim_from_log_prob
-from diffusion.losses import eps_error_factor, eps_loss_weight, sample_time
-from diffusion.parameterization import (
-    Denoiser,
-    DenoiserViews,
-    eps_x0_from_prediction,
-    prediction_from_eps_x0,
-)
+from diffusion.losses import eps_loss_weight, sample_time
+from diffusion.parameterization import Denoiser, DenoiserViews, eps_x0_from_prediction
 from diffusion.processes import Process
 from diffusion.shapes import expand_to, sum_except_batch
 from diffusion.variational.gaussian import (
@@ -110,11 +105,11 @@ def vlb_chain_times(process: Process, times: ArrayLike | None = None) -> np.ndar
     uniform steps as in Kingma et al. 2021's discrete-time model).
     """
     if times is None:
-        if not hasattr(process, "chain_times"):
+        times = getattr(process, "chain_times", None)  # None for a continuous process
+        if times is None:
             raise ValueError(
                 f"{type(process).__name__} has no chain_times; give the chain's times explicitly"
             )
-        times = process.chain_times
     times = np.asarray(times, dtype=np.float64)
     if times.ndim != 1 or times.size < 1 or not np.all(np.diff(times) > 0):
         raise ValueError(f"chain times must be a non-empty increasing 1-D array, got {times}")
@@ -395,13 +390,13 @@ def _batch_data(batch: Mapping[str, Array]) -> Array:
 class HybridLoss:
     """L_hybrid = L_simple + lambda L_vlb for a learned-variance network (Nichol & Dhariwal 2021, Sec. 3.1).
 
-    ``loss_fn(params, batch, key, *, train=True) -> (loss, aux)`` like ``DenoisingLoss``. The network
-    outputs 2C channels, the prediction and the variance interpolation v
-    (``split_learned_variance_output``). Per example: a chain index k ~ U{0..K-1} (t = chain_times[k]),
-    x_t ~ q(x_t | x_0), and
+    ``loss_fn(params, batch, key, *, train=True) -> (loss, aux)`` like ``DenoisingLoss``: it evaluates
+    ``denoiser.replace(params=params)``, whose network outputs 2C channels, the prediction and the
+    variance interpolation v (``split_learned_variance_output``). Per example: a chain index
+    k ~ U{0..K-1} (t = chain_times[k]), x_t ~ q(x_t | x_0), and
 
-      L_simple = c(t) mean_d (F - F*)^2, the eps-MSE averaged over dimensions (Ho et al. 2020, eq. 14;
-                 c(t) as in ``diffusion.losses.eps_error_factor``),
+      L_simple = mean_d (eps - eps_hat)^2, the eps-MSE averaged over dimensions (Ho et al. 2020,
+                 eq. 14), eps_hat the eps view of the prediction,
       L_vlb    = K L_k in bits per dimension: the uniform-t estimate of sum_k L_k (L_prior has no
                  parameters), with the mean's gradient stopped so that L_vlb trains v only (Sec. 3.1).
 
@@ -409,24 +404,23 @@ class HybridLoss:
     ``vb * num_timesteps / 1000`` added to the mean-over-dimensions MSE.
 
     Attributes:
-      process: a discrete chain (DDPM, SMLD) whose chain_times are the terms.
-      apply_fn: ``apply_fn(params, x, t_input, **model_kwargs)`` with 2C output channels.
-      parameterization, time_input, sigma_data: as in ``Denoiser``.
+      denoiser: the network as a ``Denoiser`` (2C output channels) of a discrete chain (DDPM, SMLD),
+        whose chain_times are the terms; its params are replaced at each call.
       decoder: 'discretized_gaussian' (8-bit data in [-1, 1]) or 'gaussian' (continuous data).
       lambda_vlb: weight of L_vlb.
       num_classes: None (unconditional) or the number of classes (labels passed as ``y``).
     """
 
-    process: Process
-    apply_fn: Callable[..., Array]
-    parameterization: str = "eps"
-    time_input: str = "t"
-    sigma_data: float = 0.5
+    denoiser: Denoiser
     decoder: str = "discretized_gaussian"
     lambda_vlb: float = 0.001
     num_classes: int | None = None
 
     def __post_init__(self):
+        if not isinstance(self.denoiser, Denoiser):
+            raise ValueError(
+                f"denoiser must be a diffusion.parameterization.Denoiser, got {self.denoiser!r}"
+            )
         times = vlb_chain_times(self.process)
         _check_decoder(self._model(None), self.decoder, times.size)
         if not (math.isfinite(self.lambda_vlb) and self.lambda_vlb >= 0):
@@ -436,16 +430,12 @@ class HybridLoss:
         ):
             raise ValueError(f"num_classes must be None or an int >= 1, got {self.num_classes!r}")
 
+    @property
+    def process(self) -> Process:
+        return self.denoiser.process
+
     def _model(self, params: Any) -> ReverseModel:
-        denoiser = Denoiser(
-            params=params,
-            apply_fn=self.apply_fn,
-            process=self.process,
-            parameterization=self.parameterization,
-            time_input=self.time_input,
-            sigma_data=self.sigma_data,
-        )
-        return ReverseModel(denoiser=denoiser, variance="learned")
+        return ReverseModel(denoiser=self.denoiser.replace(params=params), variance="learned")
 
     def __call__(
         self, params: Any, batch: Mapping[str, Array], key: Array, *, train: bool = True
@@ -470,21 +460,14 @@ class HybridLoss:
         )
         alpha = expand_to(self.process.alpha(t), x0)
         sigma = expand_to(self.process.sigma(t), x0)
-        target = prediction_from_eps_x0(
-            eps, x0, self.parameterization, x_t, alpha, sigma, self.sigma_data
+        parameterization, sigma_data = self.denoiser.parameterization, self.denoiser.sigma_data
+        eps_pred, _ = eps_x0_from_prediction(
+            prediction, parameterization, x_t, alpha, sigma, sigma_data
         )
-        factor = eps_error_factor(
-            self.parameterization, self.process, t, sigma_data=self.sigma_data
-        )
-        simple = factor * jnp.mean((prediction - target).reshape(batch_size, -1) ** 2, axis=1)
+        simple = jnp.mean((eps - eps_pred).reshape(batch_size, -1) ** 2, axis=1)
         # Nichol & Dhariwal 2021, Sec. 3.1: L_vlb sees the mean through a stop-gradient.
         _, x0_pred = eps_x0_from_prediction(
-            jax.lax.stop_gradient(prediction),
-            self.parameterization,
-            x_t,
-            alpha,
-            sigma,
-            self.sigma_data,
+            jax.lax.stop_gradient(prediction), parameterization, x_t, alpha, sigma, sigma_data
         )
         term = _term_from_prediction(
             model, x0, x_t, x0_pred, interpolation, index, times, self.decoder
