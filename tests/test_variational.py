@@ -276,12 +276,9 @@ def test_term_history_matches_a_list_implementation():
 
 
 # ================================================================================ variances
-def test_analytic_variance_monte_carlo_converges(x64):
-    """Bao et al. 2022, Thm. 1: with the exact Gamma_t the analytic variance is the true reverse
-    variance of Gaussian data (Gaussian conditioning, 1e-12). Gamma_t estimated from M samples is within
-    4.5 standard errors of the exact sigma^2/(alpha^2 s^2 + sigma^2) at every step (exact SE:
-    ||eps_pred||^2/d is a scaled chi-square, variance 2 Gamma^2/d), and so is the variance (the SE
-    propagated through coef_x0^2 sigma^2/alpha^2), for M = 64 and M = 16384: it converges at M^-1/2."""
+def analytic_variance_figures(num_samples_list=(64, 16384)):
+    """Gamma_t by Monte Carlo on 2-D Gaussian data (DDPM, 10 steps) against the exact value, and the
+    analytic variances against the true reverse variances; float64 expected."""
     num_steps, dim = 10, 2
     process = P.DDPM(num_steps=num_steps, beta_start=0.01, beta_end=0.5)
     data = O.gaussian(np.full(dim, MU), np.full(dim, S**2))
@@ -298,21 +295,39 @@ def test_analytic_variance_monte_carlo_converges(x64):
         steps = V.analytic_variance(process, times[:-1], times[1:], gamma[1:])
         return np.r_[float(V.expected_x0_variance(process, times[0], gamma[0])), np.asarray(steps)]
 
-    assert np.allclose(variances(exact), true_reverse_var, rtol=1e-12)
     # d variance / d Gamma = -coef_x0^2 sigma^2 / alpha^2 (coef_x0 = 1 for the decoder step).
     coef_x0 = np.r_[1.0, np.asarray(process.posterior(times[:-1], times[1:])[0])]
     sensitivity = coef_x0**2 * noise[1:] ** 2 / signal[1:] ** 2
-    worst, denoiser = {}, data.denoiser(process)
-    for num_samples in (64, 16384):
-        x0 = data.sample(jax.random.key(num_samples), num_samples)
-        estimate = np.asarray(
-            jax.jit(lambda x0: V.estimate_eps_sq_norm(denoiser, x0, jax.random.key(7), times))(x0)
-        )
+    denoiser = data.denoiser(process)
+    estimate_fn = jax.jit(lambda x0: V.estimate_eps_sq_norm(denoiser, x0, jax.random.key(7), times))
+    figures = {
+        "exact_gamma_variance_error": np.abs(variances(exact) / true_reverse_var - 1.0).max(),
+        "runs": {},
+    }
+    for num_samples in num_samples_list:
+        estimate = np.asarray(estimate_fn(data.sample(jax.random.key(num_samples), num_samples)))
         standard_error = exact * math.sqrt(2.0 / (dim * num_samples))
-        assert np.all(np.abs(estimate - exact) < 4.5 * standard_error), num_samples
-        error = np.abs(variances(estimate) - true_reverse_var)
-        assert np.all(error < 4.5 * sensitivity * standard_error), num_samples
-        worst[num_samples] = (error / true_reverse_var).max()
+        variance_error = np.abs(variances(estimate) - true_reverse_var)
+        figures["runs"][num_samples] = {
+            "gamma_error_in_standard_errors": np.abs(estimate - exact) / standard_error,
+            "variance_error_in_standard_errors": variance_error / (sensitivity * standard_error),
+            "max_relative_variance_error": (variance_error / true_reverse_var).max(),
+        }
+    return figures
+
+
+def test_analytic_variance_monte_carlo_converges(x64):
+    """Bao et al. 2022, Thm. 1: with the exact Gamma_t the analytic variance is the true reverse
+    variance of Gaussian data (Gaussian conditioning, 1e-12). Gamma_t estimated from M samples is within
+    4.5 standard errors of the exact sigma^2/(alpha^2 s^2 + sigma^2) at every step (exact SE:
+    ||eps_pred||^2/d is a scaled chi-square, variance 2 Gamma^2/d), and so is the variance (the SE
+    propagated through coef_x0^2 sigma^2/alpha^2), for M = 64 and M = 16384: it converges at M^-1/2."""
+    figures = analytic_variance_figures()
+    assert figures["exact_gamma_variance_error"] < 1e-12
+    for num_samples, run in figures["runs"].items():
+        assert np.all(run["gamma_error_in_standard_errors"] < 4.5), num_samples
+        assert np.all(run["variance_error_in_standard_errors"] < 4.5), num_samples
+    worst = {m: run["max_relative_variance_error"] for m, run in figures["runs"].items()}
     assert worst[16384] < 0.02 and worst[16384] < worst[64]
 
 
@@ -404,11 +419,10 @@ def test_reverse_model_fixed_variances_are_the_sampler_steps():
         assert np.allclose(model.reverse_step(x, t, s, key), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_learned_variance_head_approaches_the_optimum():
-    """A per-step v trained with the hybrid loss (exact mean, lambda = 0.001) reaches the optimal
-    variance beta-tilde + coef_x0^2 Var[x_0 | x_t] of Gaussian data (Gaussian conditioning) within 5%
-    at every step, from a start 5x further away (the noise floor of these 300 Adam steps on batches
-    of 1024 is ~2%, seed fixed)."""
+def learned_head_errors():
+    """(initial, final) max relative error of a per-step v trained with the hybrid loss (exact mean,
+    lambda = 0.001, 300 Adam steps on batches of 1024) against the optimal variance beta-tilde +
+    coef_x0^2 Var[x_0 | x_t] of Gaussian data (Gaussian conditioning), 10 DDPM steps."""
     num_steps = 10
     process = P.DDPM(num_steps=num_steps, beta_start=0.01, beta_end=0.5)
     data = gaussian_data()
@@ -418,7 +432,8 @@ def test_learned_variance_head_approaches_the_optimum():
         v_raw = params[jnp.round(index).astype(jnp.int32)][:, None]
         return jnp.concatenate([eps, v_raw * jnp.ones_like(x)], axis=-1)
 
-    loss = V.HybridLoss(process=process, apply_fn=apply_fn, time_input="index", decoder="gaussian")
+    denoiser = Denoiser(params=None, apply_fn=apply_fn, process=process, time_input="index")
+    loss = V.HybridLoss(denoiser=denoiser, decoder="gaussian")
     optimizer = optax.adam(optax.exponential_decay(0.05, 300, 0.1))
 
     @jax.jit
@@ -458,7 +473,13 @@ def test_learned_variance_head_approaches_the_optimum():
     optimum = marginal_var[:-1] - (ratio * marginal_var[:-1]) ** 2 / marginal_var[1:]
     params = jnp.zeros(num_steps)
     initial_error = np.abs(np.asarray(learned_variances(params)) / optimum - 1.0).max()
-    error = np.abs(np.asarray(learned_variances(train(params))) / optimum - 1.0).max()
+    return initial_error, np.abs(np.asarray(learned_variances(train(params))) / optimum - 1.0).max()
+
+
+def test_learned_variance_head_approaches_the_optimum():
+    """The learned variance reaches the optimum within 5% at every step, from a start 5x further
+    away (the noise floor of this training is ~2%, seed fixed)."""
+    initial_error, error = learned_head_errors()
     assert error < 0.05 and error < initial_error / 5, (error, initial_error)
 
 
@@ -480,7 +501,9 @@ def test_hybrid_loss_stops_the_mean_gradient_in_l_vlb():
         return {
             lam: jax.grad(
                 lambda p, lam=lam: V.HybridLoss(
-                    process=process, apply_fn=apply_fn, decoder="gaussian", lambda_vlb=lam
+                    denoiser=Denoiser(params=None, apply_fn=apply_fn, process=process),
+                    decoder="gaussian",
+                    lambda_vlb=lam,
                 )(p, batch, jax.random.key(1), train=False)[0]
             )(params)
             for lam in (0.0, 0.001)
@@ -533,35 +556,46 @@ def exact_continuous_bound(model, x0, eps, weights, num_time_nodes=200):
     return prior + reconstruction @ weights + diffusion, diffusion
 
 
-def test_continuous_bound_is_the_limit_of_the_discrete_bound(x64):
-    """Kingma et al. 2021: with the posterior variances on K uniform steps of a linear log-SNR schedule
-    the discrete bound decreases to the continuous one at the fitted rate K^-1 (slope within 0.05;
-    Richardson's extrapolation within 1.5e-3), and the continuous bound exceeds the data's exact
-    negative log-likelihood, the entropy 1/2 log(2 pi e s^2)."""
+def continuous_limit_figures(grid_sizes=(64, 128, 256, 512, 1024)):
+    """The exact continuous bound of Gaussian data (oracle, linear log-SNR schedule), the data's
+    entropy, and the exact discrete bounds on K uniform steps with the posterior variances."""
     model = continuous_model(linear_schedule())
     x0, eps, weights = quadrature_batch()
     continuous, diffusion = exact_continuous_bound(model, x0, eps, weights)
-    entropy = 0.5 * math.log(2 * math.pi * math.e * S**2)
-    assert continuous > entropy
-
     # Every step t -> s of every grid in one compiled call: a two-state chain [s, t], term 1.
-    grid_sizes = (64, 128, 256, 512, 1024)
     steps = [(k / size, (k + 1) / size) for size in grid_sizes for k in range(size)]
     s, t = (jnp.asarray(a) for a in zip(*steps, strict=True))
     step_kl = jax.jit(
         jax.vmap(lambda s, t: V.vlb_term(model, x0, eps, 1, jnp.stack([s, t]), decoder="gaussian"))
     )
     kls = np.asarray(step_kl(s, t)) @ weights
-    prior_and_decoder = continuous - diffusion
     bounds, start = [], 0
     for size in grid_sizes:
-        bounds.append(prior_and_decoder + kls[start : start + size].sum())
+        bounds.append(continuous - diffusion + kls[start : start + size].sum())
         start += size
     gaps = np.array(bounds) - continuous
+    return {
+        "continuous": continuous,
+        "entropy": 0.5 * math.log(2 * math.pi * math.e * S**2),
+        "grid_sizes": list(grid_sizes),
+        "discrete": bounds,
+        "gaps": gaps,
+        "fitted_rate": np.polyfit(np.log(grid_sizes), np.log(gaps), 1)[0],
+        "richardson_error": 2 * bounds[-1] - bounds[-2] - continuous,
+    }
+
+
+def test_continuous_bound_is_the_limit_of_the_discrete_bound(x64):
+    """Kingma et al. 2021: with the posterior variances on K uniform steps of a linear log-SNR schedule
+    the discrete bound decreases to the continuous one at the fitted rate K^-1 (slope within 0.05;
+    Richardson's extrapolation within 1.5e-3), and the continuous bound exceeds the data's exact
+    negative log-likelihood, the entropy 1/2 log(2 pi e s^2)."""
+    figures = continuous_limit_figures()
+    assert figures["continuous"] > figures["entropy"]
+    gaps = figures["gaps"]
     assert np.all(gaps > 0) and np.all(np.diff(gaps) < 0)
-    slope = np.polyfit(np.log(grid_sizes), np.log(gaps), 1)[0]
-    assert abs(slope + 1.0) < 0.05, slope
-    assert abs(2 * bounds[-1] - bounds[-2] - continuous) < 1.5e-3
+    assert abs(figures["fitted_rate"] + 1.0) < 0.05, figures["fitted_rate"]
+    assert abs(figures["richardson_error"]) < 1.5e-3
 
 
 def test_continuous_diffusion_term_depends_only_on_the_end_points(x64):
@@ -629,6 +663,36 @@ def gaussian_eps_network(params, z, log_sigma_hat):
     return params["scale"] * eps
 
 
+def oracle_vdm_loss(process=None, **options):
+    """VDMLoss of ``gaussian_eps_network`` (conditioned on log sigma_hat) on ``process``, or with a
+    trained schedule (params {'denoiser', 'schedule'}) when process is None."""
+    train_schedule = process is None
+    if train_schedule:
+        process = V.LearnedSchedule(params=V.linear_schedule_params(4))
+    denoiser = Denoiser(
+        params=None, apply_fn=gaussian_eps_network, process=process, time_input="log_sigma"
+    )
+    return V.VDMLoss(denoiser=denoiser, train_schedule=train_schedule, **options)
+
+
+def likelihood_denoising_loss(process):
+    """DenoisingLoss with the 'likelihood' weighting and summed squares, of gaussian_eps_network."""
+    denoiser = Denoiser(
+        params=None, apply_fn=gaussian_eps_network, process=process, time_input="log_sigma"
+    )
+    if "denoiser" in {field.name for field in dataclasses.fields(L.DenoisingLoss)}:
+        return L.DenoisingLoss(denoiser=denoiser, weighting="likelihood", reduction="sum")
+    # The loss before it took a denoiser template (remove once every checkout has the new one).
+    return L.DenoisingLoss(
+        process=process,
+        parameterization="eps",
+        apply_fn=gaussian_eps_network,
+        weighting="likelihood",
+        time_input="log_sigma",
+        reduction="sum",
+    )
+
+
 def test_learned_schedule_is_monotone_with_fixed_end_points(x64):
     """gamma(0) = gamma_min, gamma(1) = gamma_max and gamma' > 0 for random raw weights of any sign;
     alpha^2 + sigma^2 = 1 and log-SNR = -gamma/2."""
@@ -661,9 +725,8 @@ def test_learned_schedule_frozen_linear_equals_fixed_schedule_losses(x64):
     batch = {"x": MU + S * jax.random.normal(jax.random.key(0), (64, 1))}
     key = jax.random.key(1)
     schedule = V.linear_schedule_params(8)
-    common = {"apply_fn": gaussian_eps_network, "time_input": "log_sigma", "antithetic": False}
-    fixed = V.VDMLoss(process=LinearLogSNR(), **common)
-    learned = V.VDMLoss(**common)
+    fixed = oracle_vdm_loss(LinearLogSNR(), antithetic=False)
+    learned = oracle_vdm_loss(antithetic=False)
     (fixed_loss, fixed_aux), (learned_loss, learned_aux) = jax.jit(
         lambda params, schedule: (
             fixed(params, batch, key, train=False),
@@ -674,14 +737,7 @@ def test_learned_schedule_frozen_linear_equals_fixed_schedule_losses(x64):
     for name in fixed_aux:
         assert float(learned_aux[name]) == pytest.approx(float(fixed_aux[name]), rel=1e-12)
     for process in (LinearLogSNR(), V.LearnedSchedule(params=schedule)):
-        denoising_loss = L.DenoisingLoss(
-            process=process,
-            parameterization="eps",
-            apply_fn=gaussian_eps_network,
-            weighting="likelihood",
-            time_input="log_sigma",
-            reduction="sum",
-        )
+        denoising_loss = likelihood_denoising_loss(process)
         denoising = jax.jit(lambda p, loss=denoising_loss: loss(p, batch, key, train=False)[0])(
             params
         )
@@ -707,9 +763,7 @@ def test_vdm_discrete_time_loss_is_the_kl_of_the_step(x64):
     params = {"scale": jnp.asarray(0.8)}
     x = MU + S * jax.random.normal(jax.random.key(0), (16, 1))
     key = jax.random.key(2)
-    loss = V.VDMLoss(
-        apply_fn=gaussian_eps_network, time_input="log_sigma", process=LinearLogSNR(), num_steps=1
-    )
+    loss = oracle_vdm_loss(LinearLogSNR(), num_steps=1)
     diffusion = jax.jit(lambda p: loss.per_example(p, {"x": x}, key, train=False)["diffusion"])(
         params
     )
@@ -731,7 +785,7 @@ def test_vdm_discrete_time_loss_is_the_kl_of_the_step(x64):
 def test_vdm_schedule_gradient_is_the_squared_loss_gradient(x64):
     """One backward pass gives the denoiser grad E[L] and the schedule grad E[L_diffusion^2]
     (Kingma et al. 2021, Sec. 5.2), checked against plain autodiff of both."""
-    loss = V.VDMLoss(apply_fn=gaussian_eps_network, time_input="log_sigma")
+    loss = oracle_vdm_loss()
     params = {
         "denoiser": {"scale": jnp.asarray(0.9)},
         "schedule": V.init_schedule_params(jax.random.key(3), 16, stddev=0.5),
@@ -763,26 +817,22 @@ def test_vdm_schedule_gradient_is_the_squared_loss_gradient(x64):
         assert np.allclose(grads["schedule"][name], schedule_grad[name], rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.slow
-def test_vdm_schedule_training_reduces_the_estimator_variance(x64):
-    """Training only the schedule (exact denoiser) lowers the variance of the diffusion term's
-    estimator towards its minimum, keeps its mean (E[L] depends on the end points only) and keeps the
-    schedule monotone with its end points.
+def schedule_training_figures(num_train_steps=300):
+    """Variance and mean of the diffusion term's estimator before and after training only the schedule
+    (exact denoiser, Adam 0.1, batches of 256), from 2^16 fresh examples, with the closed forms.
 
-    Closed forms: given t, eps - eps_hat ~ N(0, h) with h(gamma) = s^2/(s^2 + e^gamma), so the term is
+    Given t, eps - eps_hat ~ N(0, h) with h(gamma) = s^2/(s^2 + e^gamma), so the term is
     1/2 gamma' h chi^2_1 and, with C = int h dgamma, Var = 3/4 int gamma'^2 h^2 dt - C^2/4: for the
     linear schedule 3/4 (gamma_max - gamma_min) int h^2 dgamma - C^2/4, and at least C^2/2 for any
-    schedule (Cauchy-Schwarz; equality when gamma' h is constant). Statistics from 2^16 fresh examples
-    (fixed seeds), tolerances 4.5 standard errors (the variance's from the sample fourth moment)."""
+    schedule (Cauchy-Schwarz; equality when gamma' h is constant). In bits^2."""
     h = lambda gamma: S**2 / (S**2 + np.exp(gamma))  # noqa: E731
     span = V.GAMMA_MAX - V.GAMMA_MIN
     c = integrate.quad(h, V.GAMMA_MIN, V.GAMMA_MAX)[0]
     c2 = integrate.quad(lambda g: h(g) ** 2, V.GAMMA_MIN, V.GAMMA_MAX)[0]
     bits_sq = 1.0 / math.log(2.0) ** 2
-    linear_var, minimum_var = (0.75 * span * c2 - c**2 / 4) * bits_sq, 0.5 * c**2 * bits_sq
 
-    loss = V.VDMLoss(apply_fn=gaussian_eps_network, time_input="log_sigma")
-    reference = V.VDMLoss(apply_fn=gaussian_eps_network, time_input="log_sigma", antithetic=False)
+    loss = oracle_vdm_loss()
+    reference = oracle_vdm_loss(antithetic=False)
     denoiser = {"scale": jnp.asarray(1.0)}
     schedule = V.init_schedule_params(jax.random.key(5), 64)  # close to linear
     optimizer = optax.adam(0.1)
@@ -792,12 +842,12 @@ def test_vdm_schedule_training_reduces_the_estimator_variance(x64):
     def train_step(schedule, state, key):
         key_data, key_loss = jax.random.split(key)
         batch = {"x": MU + S * jax.random.normal(key_data, (256, 1))}
-        grads = jax.grad(
-            lambda sch: loss({"denoiser": denoiser, "schedule": sch}, batch, key_loss, train=False)[
-                0
-            ]
-        )(schedule)
-        updates, state = optimizer.update(grads, state)
+
+        def objective(schedule):
+            params = {"denoiser": denoiser, "schedule": schedule}
+            return loss(params, batch, key_loss, train=False)[0]
+
+        updates, state = optimizer.update(jax.grad(objective)(schedule), state)
         return optax.apply_updates(schedule, updates), state
 
     @jax.jit
@@ -806,22 +856,46 @@ def test_vdm_schedule_training_reduces_the_estimator_variance(x64):
         params = {"denoiser": denoiser, "schedule": schedule}
         return reference.per_example(params, batch, jax.random.key(101), train=False)["diffusion"]
 
-    def variance_and_error(terms):
+    def statistics(terms):
         centred = terms - terms.mean()
-        return centred.var(), math.sqrt((np.mean(centred**4) - centred.var() ** 2) / terms.size)
+        variance_error = math.sqrt((np.mean(centred**4) - centred.var() ** 2) / terms.size)
+        return {
+            "mean": terms.mean(),
+            "mean_error": terms.std() / math.sqrt(terms.size),
+            "variance": centred.var(),
+            "variance_error": variance_error,
+        }
 
-    before = np.asarray(diffusion_terms(schedule))
-    before_var, before_error = variance_and_error(before)
-    assert abs(before_var - linear_var) < 4.5 * before_error
-    for step in range(300):
+    before = statistics(np.asarray(diffusion_terms(schedule)))
+    for step in range(num_train_steps):
         schedule, state = train_step(schedule, state, jax.random.key(1000 + step))
-    after = np.asarray(diffusion_terms(schedule))
-    after_var, after_error = variance_and_error(after)
-    mean_error = math.hypot(before.std(), after.std()) / math.sqrt(before.size)
-    assert abs(after.mean() - before.mean()) < 4.5 * mean_error
-    assert minimum_var - 4.5 * after_error < after_var < 0.85 * before_var, (before_var, after_var)
-    process = V.LearnedSchedule(params=schedule)
-    gamma = np.asarray(process.gamma(jnp.linspace(0.0, 1.0, 1001)))
+    return {
+        "linear_variance": (0.75 * span * c2 - c**2 / 4) * bits_sq,
+        "minimum_variance": 0.5 * c**2 * bits_sq,
+        "before": before,
+        "after": statistics(np.asarray(diffusion_terms(schedule))),
+        "gamma": np.asarray(V.LearnedSchedule(params=schedule).gamma(jnp.linspace(0, 1, 1001))),
+    }
+
+
+@pytest.mark.slow
+def test_vdm_schedule_training_reduces_the_estimator_variance(x64):
+    """Training only the schedule (exact denoiser) lowers the variance of the diffusion term's
+    estimator towards its closed-form minimum (from the linear schedule's closed form), keeps its mean
+    (E[L] depends on the end points only) and keeps the schedule monotone with its end points.
+    Tolerances: 4.5 standard errors (the variance's from the sample fourth moment), fixed seeds."""
+    figures = schedule_training_figures()
+    before, after = figures["before"], figures["after"]
+    assert abs(before["variance"] - figures["linear_variance"]) < 4.5 * before["variance_error"]
+    assert abs(after["mean"] - before["mean"]) < 4.5 * math.hypot(
+        before["mean_error"], after["mean_error"]
+    )
+    assert (
+        figures["minimum_variance"] - 4.5 * after["variance_error"]
+        < after["variance"]
+        < 0.85 * before["variance"]
+    ), (before, after)
+    gamma = figures["gamma"]
     assert np.all(np.diff(gamma) > 0)
     assert (gamma[0], gamma[-1]) == pytest.approx((V.GAMMA_MIN, V.GAMMA_MAX), abs=1e-10)
 
@@ -886,18 +960,18 @@ def test_bad_input_is_refused_before_compute():
             V.ReverseModel(denoiser=gaussian_data().denoiser(P.VPSDE())), x0, jax.random.key(0)
         )
     with pytest.raises(ValueError, match="no chain_times"):
-        V.HybridLoss(process=P.VPSDE(), apply_fn=lambda p, x, t: x)
+        V.HybridLoss(denoiser=Denoiser(params=None, apply_fn=lambda p, x, t: x, process=P.VPSDE()))
     with pytest.raises(ValueError, match="lambda_vlb"):
-        V.HybridLoss(process=process, apply_fn=lambda p, x, t: x, lambda_vlb=-1.0)
+        V.HybridLoss(denoiser=denoiser, lambda_vlb=-1.0)
     with pytest.raises(ValueError, match="gamma_min < gamma_max"):
         V.LearnedSchedule(params=V.linear_schedule_params(2), gamma_min=5.0, gamma_max=-5.0)
     with pytest.raises(ValueError, match="params must be a mapping"):
         V.LearnedSchedule(params={"linear_weight": jnp.ones(())})
     with pytest.raises(ValueError, match="num_steps"):
-        V.VDMLoss(apply_fn=gaussian_eps_network, num_steps=-1)
+        oracle_vdm_loss(LinearLogSNR(), num_steps=-1)
     with pytest.raises(ValueError, match="'denoiser'"):
-        V.VDMLoss(apply_fn=gaussian_eps_network, time_input="log_sigma")(
-            {"scale": 1.0}, {"x": x0}, jax.random.key(0)
-        )
-    with pytest.raises(ValueError, match="unknown parameterization"):
-        V.VDMLoss(apply_fn=gaussian_eps_network, parameterization="flow")
+        oracle_vdm_loss()({"scale": 1.0}, {"x": x0}, jax.random.key(0))
+    with pytest.raises(ValueError, match="needs the denoiser's process to be a LearnedSchedule"):
+        V.VDMLoss(denoiser=denoiser, train_schedule=True)
+    with pytest.raises(ValueError, match=r"must be a diffusion\.parameterization\.Denoiser"):
+        V.VDMLoss(denoiser=gaussian_eps_network)
