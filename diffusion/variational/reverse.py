@@ -198,7 +198,7 @@ class ReverseModel(DenoiserViews):
         _check_variance("variance", self.variance)
         if self.decoder_variance is not None:
             _check_variance("decoder_variance", self.decoder_variance)
-        uses = {self.variance, self.decoder}
+        uses = {self.variance, self.decoder_variance_rule}
         if "learned" in uses and self.variance != "learned":
             raise ValueError(
                 "decoder_variance='learned' needs variance='learned' (the network's v output)"
@@ -217,7 +217,7 @@ class ReverseModel(DenoiserViews):
         return self.denoiser.process
 
     @property
-    def decoder(self) -> str:
+    def decoder_variance_rule(self) -> str:
         """The variance rule of the decoder step."""
         return self.variance if self.decoder_variance is None else self.decoder_variance
 
@@ -281,7 +281,7 @@ class ReverseModel(DenoiserViews):
 
         'fixed_small' and 'learned' need ``t_next``, the next chain time (for the clipped beta-tilde).
         """
-        rule = self.decoder
+        rule = self.decoder_variance_rule
         if rule in ("fixed_small", "learned") and t_next is None:
             raise ValueError(
                 f"the decoder variance {rule!r} uses the next chain time's beta-tilde; give t_next "

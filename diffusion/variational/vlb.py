@@ -123,9 +123,10 @@ def _check_decoder(model: ReverseModel, decoder: str, num_states: int) -> None:
         raise ValueError(
             f"the bound needs a ReverseModel (a denoiser and its variance), got {model!r}"
         )
-    if num_states < 2 and model.decoder not in CHAIN_FREE_VARIANCES:
+    rule = model.decoder_variance_rule
+    if num_states < 2 and rule not in CHAIN_FREE_VARIANCES:
         raise ValueError(
-            f"a chain of one state has no next time for the decoder variance {model.decoder!r}; "
+            f"a chain of one state has no next time for the decoder variance {rule!r}; "
             f"use decoder_variance in {CHAIN_FREE_VARIANCES}"
         )
 
