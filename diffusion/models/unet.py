@@ -11,11 +11,14 @@ conv. So at init every residual branch is zero, every block is the identity on i
 """
 
 import math
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
+from diffusion.models import layers
 from diffusion.models.embeddings import (
     ConditioningEmbedding,
     check_conditioning_fields,
@@ -37,24 +40,49 @@ def group_norm_groups(channels: int) -> int:
     return max(groups for groups in range(1, upper + 1) if channels % groups == 0)
 
 
-def group_norm(x: jax.Array) -> jax.Array:
+REMAT_POLICIES = ("none", "blocks", "convs")
+# Name given (jax.ad_checkpoint.checkpoint_name) to every convolution output inside a block, so
+# that the 'convs' rematerialisation policy can keep exactly those.
+CONV_OUTPUT = "conv_output"
+
+
+def group_norm(x: jax.Array, dtype: Any = None) -> jax.Array:
     """GroupNorm (Wu & He 2018) over the channel axis with :func:`group_norm_groups` groups."""
-    return nn.GroupNorm(num_groups=group_norm_groups(x.shape[-1]), epsilon=1e-6)(x)
+    return layers.GroupNorm(num_groups=group_norm_groups(x.shape[-1]), epsilon=1e-6, dtype=dtype)(x)
 
 
 def conv3x3(
-    features: int, *, zero_init: bool = False, stride: int = 1, name: str | None = None
-) -> nn.Conv:
+    features: int,
+    *,
+    zero_init: bool = False,
+    stride: int = 1,
+    name: str | None = None,
+    dtype: Any = None,
+    weight_grad: str = "xla",
+) -> layers.Conv:
     """3x3 'SAME' convolution with DDPM's initialisation (zero kernel if ``zero_init``)."""
     kernel_init = nn.initializers.zeros if zero_init else default_kernel_init
-    return nn.Conv(
+    return layers.Conv(
         features,
         (3, 3),
         strides=(stride, stride),
         padding="SAME",
         kernel_init=kernel_init,
         name=name,
+        dtype=dtype,
+        weight_grad=weight_grad,
     )
+
+
+def dense(features: int, *, zero_init: bool = False, name: str | None = None, dtype: Any = None):
+    """Dense layer (a 1x1 convolution on images) with DDPM's initialisation."""
+    kernel_init = nn.initializers.zeros if zero_init else default_kernel_init
+    return layers.Dense(features, kernel_init=kernel_init, name=name, dtype=dtype)
+
+
+def named_conv_output(x: jax.Array) -> jax.Array:
+    """Tag a convolution's output with :data:`CONV_OUTPUT` for the 'convs' remat policy."""
+    return checkpoint_name(x, CONV_OUTPUT)
 
 
 def residual_sum(skip: jax.Array, branch: jax.Array, skip_rescale: bool) -> jax.Array:
@@ -74,20 +102,26 @@ class ResnetBlock(nn.Module):
     out_channels: int
     dropout: float = 0.0
     skip_rescale: bool = False
+    dtype: Any = None
+    conv_weight_grad: str = "xla"
 
     @nn.compact
-    def __call__(self, x: jax.Array, embedding: jax.Array, *, train: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array, embedding: jax.Array, train: bool = False) -> jax.Array:
         """x: (B, H, W, C_in), embedding: (B, E) -> (B, H, W, out_channels)."""
-        hidden = conv3x3(self.out_channels)(nn.silu(group_norm(x)))
-        projected = nn.Dense(self.out_channels, kernel_init=default_kernel_init)(nn.silu(embedding))
+        conv_options = {"dtype": self.dtype, "weight_grad": self.conv_weight_grad}
+        hidden = conv3x3(self.out_channels, **conv_options)(nn.silu(group_norm(x, self.dtype)))
+        hidden = named_conv_output(hidden)
+        projected = dense(self.out_channels, dtype=self.dtype)(nn.silu(embedding))
         hidden = hidden + projected[:, None, None, :]
-        hidden = nn.silu(group_norm(hidden))
+        hidden = nn.silu(group_norm(hidden, self.dtype))
         hidden = nn.Dropout(self.dropout)(hidden, deterministic=not train)
-        hidden = conv3x3(self.out_channels, zero_init=True)(hidden)
+        hidden = named_conv_output(
+            conv3x3(self.out_channels, zero_init=True, **conv_options)(hidden)
+        )
         skip = x
         if x.shape[-1] != self.out_channels:
             # DDPM's "nin_shortcut": a 1x1 convolution, i.e. a Dense on the channel axis.
-            skip = nn.Dense(self.out_channels, kernel_init=default_kernel_init)(x)
+            skip = named_conv_output(dense(self.out_channels, dtype=self.dtype)(x))
         return residual_sum(skip, hidden, self.skip_rescale)
 
 
@@ -99,20 +133,23 @@ class AttentionBlock(nn.Module):
     """
 
     skip_rescale: bool = False
+    dtype: Any = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, C) -> (B, H, W, C)."""
         batch, height, width, channels = x.shape
-        normed = group_norm(x).reshape(batch, height * width, channels)
+        normed = group_norm(x, self.dtype).reshape(batch, height * width, channels)
         query, key, value = (
-            nn.Dense(channels, kernel_init=default_kernel_init, name=name)(normed)
+            named_conv_output(dense(channels, name=name, dtype=self.dtype)(normed))
             for name in ("query", "key", "value")
         )
-        logits = jnp.einsum("bqc,bkc->bqk", query, key) / math.sqrt(channels)
-        attended = jnp.einsum("bqk,bkc->bqc", jax.nn.softmax(logits, axis=-1), value)
-        output = nn.Dense(channels, kernel_init=nn.initializers.zeros, name="output")(attended)
-        return residual_sum(x, output.reshape(x.shape), self.skip_rescale)
+        # Logits and softmax in float32 whatever the compute dtype.
+        logits = jnp.einsum("bqc,bkc->bqk", query, key, preferred_element_type=jnp.float32)
+        weights = jax.nn.softmax(logits / math.sqrt(channels), axis=-1).astype(value.dtype)
+        attended = jnp.einsum("bqk,bkc->bqc", weights, value)
+        output = dense(channels, zero_init=True, name="output", dtype=self.dtype)(attended)
+        return residual_sum(x, named_conv_output(output).reshape(x.shape), self.skip_rescale)
 
 
 class Downsample(nn.Module):
@@ -122,12 +159,17 @@ class Downsample(nn.Module):
     """
 
     with_conv: bool
+    dtype: Any = None
+    conv_weight_grad: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         """x: (B, H, W, C) -> (B, ceil(H/2), ceil(W/2), C)."""
         if self.with_conv:
-            return conv3x3(x.shape[-1], stride=2)(x)
+            conv = conv3x3(
+                x.shape[-1], stride=2, dtype=self.dtype, weight_grad=self.conv_weight_grad
+            )
+            return conv(x)
         return nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME", count_include_pad=False)
 
 
@@ -138,6 +180,8 @@ class Upsample(nn.Module):
     """
 
     with_conv: bool
+    dtype: Any = None
+    conv_weight_grad: str = "xla"
 
     @nn.compact
     def __call__(self, x: jax.Array, output_size: tuple[int, int]) -> jax.Array:
@@ -145,7 +189,8 @@ class Upsample(nn.Module):
         height, width = output_size
         upsampled = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)[:, :height, :width, :]
         if self.with_conv:
-            return conv3x3(x.shape[-1])(upsampled)
+            conv = conv3x3(x.shape[-1], dtype=self.dtype, weight_grad=self.conv_weight_grad)
+            return conv(upsampled)
         return upsampled
 
 
@@ -155,6 +200,21 @@ def level_resolutions(image_size: int, num_levels: int) -> list[int]:
     for _ in range(num_levels - 1):
         sizes.append(-(-sizes[-1] // 2))
     return sizes
+
+
+def _block_classes(remat: str) -> dict[str, type[nn.Module]]:
+    """ResnetBlock and AttentionBlock, wrapped in ``nn.remat`` with the policy named by ``remat``."""
+    if remat == "none":
+        return {"ResnetBlock": ResnetBlock, "AttentionBlock": AttentionBlock}
+    policy = {
+        "blocks": jax.checkpoint_policies.nothing_saveable,
+        "convs": jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT),
+    }[remat]
+    return {
+        # static_argnums counts the module as 0: ResnetBlock's ``train`` is argument 3.
+        "ResnetBlock": nn.remat(ResnetBlock, policy=policy, static_argnums=(3,)),
+        "AttentionBlock": nn.remat(AttentionBlock, policy=policy),
+    }
 
 
 class UNet(nn.Module):
@@ -182,6 +242,15 @@ class UNet(nn.Module):
         ``t`` IS ``log sigma`` (as NCSN++, which embeds ``log sigma`` with Fourier features), so
         the output is the network's output divided by sigma.
       out_channels: output channels; None means the input's channel count.
+      dtype: compute dtype of convolutions, dense layers and activations (e.g. ``jnp.bfloat16``);
+        None computes in the parameters' float32. Parameters stay float32 either way; GroupNorm
+        statistics, attention logits and softmax are float32, and the output is float32.
+      remat: rematerialisation of residual and attention blocks (``jax.checkpoint``): 'none'
+        stores every activation for the backward pass; 'blocks' stores only each block's input
+        and recomputes the block; 'convs' stores the outputs of the convolutions and dense
+        projections inside blocks and recomputes normalisations and activations.
+      conv_weight_grad: how the kernel gradients of the 3x3 convolutions are computed on CPU:
+        'xla' or 'shifted_matmul' (``diffusion.models.layers.Conv``); same values either way.
     """
 
     ch: int = 128
@@ -196,6 +265,9 @@ class UNet(nn.Module):
     num_classes: int | None = None
     scale_by_sigma: bool = False
     out_channels: int | None = None
+    dtype: Any = None
+    remat: str = "none"
+    conv_weight_grad: str = "xla"
 
     def __post_init__(self) -> None:
         """Check the hyperparameters at construction (ValueError naming the bad value)."""
@@ -211,6 +283,15 @@ class UNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.out_channels is not None and self.out_channels < 1:
             raise ValueError(f"out_channels must be None or >= 1, got {self.out_channels}")
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
+        if self.conv_weight_grad not in layers.WEIGHT_GRADS:
+            raise ValueError(
+                f"conv_weight_grad must be one of {layers.WEIGHT_GRADS}, "
+                f"got {self.conv_weight_grad!r}"
+            )
+        if self.dtype is not None and not jnp.issubdtype(self.dtype, jnp.floating):
+            raise ValueError(f"dtype must be None or a floating dtype, got {self.dtype!r}")
         check_conditioning_fields(self.embedding_type, self.fourier_scale, self.num_classes)
         super().__post_init__()
 
@@ -242,16 +323,36 @@ class UNet(nn.Module):
             num_classes=self.num_classes,
         )(t, y)
 
+        block_classes = _block_classes(self.remat)
+        counts = {"ResnetBlock": 0, "AttentionBlock": 0}
+
+        def block_name(kind: str) -> str:
+            # The names flax gives unnamed submodules, so that remat (whose wrapped classes
+            # flax would name 'CheckpointResnetBlock_0', ...) keeps the parameter tree.
+            counts[kind] += 1
+            return f"{kind}_{counts[kind] - 1}"
+
+        conv_options = {"dtype": self.dtype, "conv_weight_grad": self.conv_weight_grad}
+
         def res_block(features: jax.Array, out_channels: int) -> jax.Array:
-            return ResnetBlock(out_channels, self.dropout, self.skip_rescale)(
-                features, embedding, train=train
+            block = block_classes["ResnetBlock"](
+                out_channels,
+                self.dropout,
+                self.skip_rescale,
+                name=block_name("ResnetBlock"),
+                **conv_options,
             )
+            return block(features, embedding, train)
 
         def attention(features: jax.Array) -> jax.Array:
-            return AttentionBlock(self.skip_rescale)(features)
+            block = block_classes["AttentionBlock"](
+                self.skip_rescale, dtype=self.dtype, name=block_name("AttentionBlock")
+            )
+            return block(features)
 
         last_level = len(self.ch_mult) - 1
-        hidden = conv3x3(self.ch)(x)
+        input_conv = conv3x3(self.ch, dtype=self.dtype, weight_grad=self.conv_weight_grad)
+        hidden = input_conv(x)
         skips = [hidden]
         for level, mult in enumerate(self.ch_mult):
             for _ in range(self.num_res_blocks):
@@ -260,7 +361,7 @@ class UNet(nn.Module):
                     hidden = attention(hidden)
                 skips.append(hidden)
             if level != last_level:
-                hidden = Downsample(self.resamp_with_conv)(hidden)
+                hidden = Downsample(self.resamp_with_conv, **conv_options)(hidden)
                 skips.append(hidden)
 
         middle_channels = hidden.shape[-1]
@@ -274,11 +375,18 @@ class UNet(nn.Module):
                 if self._attention_at(hidden):
                     hidden = attention(hidden)
             if level != 0:
-                hidden = Upsample(self.resamp_with_conv)(hidden, skips[-1].shape[1:3])
+                upsample = Upsample(self.resamp_with_conv, **conv_options)
+                hidden = upsample(hidden, skips[-1].shape[1:3])
 
         out_channels = x.shape[-1] if self.out_channels is None else self.out_channels
-        output_conv = conv3x3(out_channels, zero_init=True, name="output_conv")
-        output = output_conv(nn.silu(group_norm(hidden)))
+        output_conv = conv3x3(
+            out_channels,
+            zero_init=True,
+            name="output_conv",
+            dtype=self.dtype,
+            weight_grad=self.conv_weight_grad,
+        )
+        output = output_conv(nn.silu(group_norm(hidden, self.dtype))).astype(jnp.float32)
         if self.scale_by_sigma:
             output = divide_by_sigma(output, t)
         return output
