@@ -217,6 +217,7 @@ def test_exact_model_bound_equals_sum_of_gaussian_kls(x64, chain):
         assert bound_with_exact_prior == pytest.approx(nll, rel=1e-9, abs=1e-10)
 
 
+@pytest.mark.slow
 def test_importance_sampled_bound_is_unbiased(x64):
     """discrete_vlb with all terms and with 3 importance-sampled terms (skewed p) both average to the
     exact bound; tolerance 4.5 standard errors of the 1024 repeats (fixed seed)."""
@@ -363,6 +364,7 @@ def test_learned_variance_split_and_interpolation():
         assert np.allclose(model.eps(x, t), x)
 
 
+@pytest.mark.slow
 def test_learned_variance_end_points_give_the_fixed_bounds_on_8bit_images():
     """On NHWC 8-bit data with the discretised decoder, a learned-variance network whose v is 1
     everywhere has exactly the 'fixed_large' bound and v = 0 the 'fixed_small' bound (eq. 15 of
@@ -615,6 +617,7 @@ def test_continuous_diffusion_term_depends_only_on_the_end_points(x64):
     assert values[0] == pytest.approx(values[1], rel=1e-7)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("time_sampling", ["uniform", "importance"])
 def test_continuous_bound_monte_carlo_matches_quadrature(x64, time_sampling):
     """continuous_vlb's per-example estimates average to the exact bound (4.5 standard errors of
