@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion import data, metrics, samplers
+from diffusion import metrics, samplers
 from diffusion.images import make_grid, to_uint8
 from diffusion.models import classifier
 from diffusion.processes import DDPM
@@ -61,16 +61,18 @@ def _train_default_run(context: FigureContext) -> str:
 
 
 def _nearest(images: np.ndarray, training: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """L2 distance from each image to its nearest training image, and that image's index."""
-    flat_images = images.reshape(len(images), -1).astype(np.float64)
+    """L2 distance from each image to its nearest training image, and that image's index
+    (blocks of 100 images, so 60,000 MNIST training images fit in memory)."""
     flat_training = training.reshape(len(training), -1).astype(np.float64)
-    squared = (
-        np.sum(flat_images**2, axis=1)[:, None]
-        - 2.0 * flat_images @ flat_training.T
-        + np.sum(flat_training**2, axis=1)[None]
-    )
-    index = np.argmin(squared, axis=1)
-    return np.sqrt(np.maximum(squared[np.arange(len(images)), index], 0.0)), index
+    training_norms = np.sum(flat_training**2, axis=1)
+    distances, indices = [], []
+    for start in range(0, len(images), 100):
+        block = images[start : start + 100].reshape(-1, flat_training.shape[1]).astype(np.float64)
+        squared = np.sum(block**2, axis=1)[:, None] - 2.0 * block @ flat_training.T + training_norms
+        index = np.argmin(squared, axis=1)
+        distances.append(np.sqrt(np.maximum(squared[np.arange(len(block)), index], 0.0)))
+        indices.append(index)
+    return np.concatenate(distances), np.concatenate(indices)
 
 
 def _grid(images: np.ndarray, data_range, num_columns: int) -> np.ndarray:
@@ -109,19 +111,17 @@ def ddpm_experiment(context: FigureContext) -> dict:
     """
     run_dir = context.checkpoint_dir or _train_default_run(context)
     overrides = {"eval.classifier_steps": 100} if context.quick else {}
-    experiment, step, params = runs.load_run(run_dir, overrides=overrides)
-    process = experiment.process
-    if not isinstance(process, DDPM) or experiment.is_toy:
+    run = runs.load_run(run_dir, overrides=overrides)
+    process, step = run.process, run.step
+    if not isinstance(process, DDPM) or run.is_toy:
         raise ValueError(
-            f"--checkpoint_dir={run_dir!r} is a {type(process).__name__} run on "
-            f"{experiment.config.data.dataset!r}; this figure needs a DDPM image run (ddpm_digits, "
-            "ddpm_mnist, ddpm_fashion_mnist*)"
+            f"--checkpoint_dir={run_dir!r} is a {type(process).__name__} run on {run.dataset!r}; "
+            "this figure needs a DDPM image run (ddpm_digits, ddpm_mnist, ddpm_fashion_mnist*)"
         )
-    denoiser = experiment.denoiser(params)
-    data_range = experiment.data_range
-    train_split, test_split = experiment.load_split("train"), experiment.load_split("test")
-    training = data.uint8_to_float(train_split.images, data_range)
-    test_images = data.uint8_to_float(test_split.images, data_range)
+    denoiser = run.denoiser
+    data_range = run.data_range
+    training, _, num_classes = run.images("train")
+    test_images, _, _ = run.images("test")
     num_steps = process.num_steps
     checks, measurements = [], []
 
@@ -145,12 +145,11 @@ def ddpm_experiment(context: FigureContext) -> dict:
     )
 
     # Fig. 3: nine samples with reverse snapshots (ancestral sampler composed over sub-grids).
-    sampling = experiment.config.sampling
-    options = dict(sampling.options["ancestral"])
+    options = run.sampler_options("ancestral")
     times = samplers.time_grid(process, "linspace", num_steps - 1)  # t_N .. t_1, the whole chain
     chain_step_of = np.rint(np.asarray(times) * num_steps).astype(int)
     snapshot_indices = [int(np.flatnonzero(chain_step_of == s)[0]) for s in SNAPSHOT_STEPS]
-    shape = (9, *experiment.data_shape)
+    shape = (9, *run.data_shape)
     x_init = process.prior_sample(context.key(1), shape, jnp.float32)
     states = common.sample_with_snapshots(
         "ancestral",
@@ -169,16 +168,16 @@ def ddpm_experiment(context: FigureContext) -> dict:
     batch = min(num_samples, 250)
     samples = np.concatenate(
         [
-            np.asarray(
-                experiment.sample(params, jax.random.fold_in(context.key(3), k), batch).samples
-            )
+            run.sample(jax.random.fold_in(context.key(3), k), batch)
             for k in range(-(-num_samples // batch))
         ]
     )[:num_samples]
-    classifier_params, accuracy = load_or_train_classifier(experiment, context.path("classifier"))
+    classifier_params, accuracy = load_or_train_classifier(
+        run.experiment, context.path("classifier")
+    )
     centered = samples if data_range == (-1.0, 1.0) else 2.0 * samples - 1.0
     logits, _ = classifier.classifier_logits_and_features(classifier_params, centered)
-    counts = metrics.class_histogram(np.argmax(logits, axis=1), train_split.num_classes)
+    counts = metrics.class_histogram(np.argmax(logits, axis=1), num_classes)
     chi_square = metrics.chi_square_to_uniform(counts)
     measurements += [
         measurement("training step of the checkpoint", step),
@@ -278,14 +277,13 @@ def ddpm_experiment(context: FigureContext) -> dict:
     )
     axes.set_axis_off()
     figure.suptitle(
-        f"DDPM on {experiment.config.data.dataset} (Higham, Higham & Grindrod 2023, Figs. 2-6), "
-        f"checkpoint step {step}"
+        f"DDPM on {run.dataset} (Higham, Higham & Grindrod 2023, Figs. 2-6), checkpoint step {step}"
     )
     save(figure, context, "ddpm_experiment", dpi=90)
     return {
         "settings": {
             "run_dir": run_dir,
-            "dataset": experiment.config.data.dataset,
+            "dataset": run.dataset,
             "process": repr(process),
             "sampler": {"method": "ancestral", **options, "denoise_final": True},
             "num_samples": num_samples,

@@ -8,7 +8,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion import data
 from diffusion.images import save_image_grid
 from diffusion.parameterization import Denoiser
 from diffusion.processes import DDPM, PROCESSES, Process, make_process
@@ -179,21 +178,19 @@ def _crossover(log_snr: list[float], log_ratio: list[float]) -> float:
 def _trained_model_panel(context: FigureContext):
     """The views of one trained model (an image run): x0 and eps of one test image over t, and
     the measured eps-MSE and x0-MSE (through eps) over t on test images."""
-    experiment, step, params = runs.load_run(context.checkpoint_dir)
-    if experiment.is_toy:
+    run = runs.load_run(context.checkpoint_dir)
+    if run.is_toy:
         raise ValueError(
             f"--checkpoint_dir={context.checkpoint_dir!r} holds a toy run; the schedules figure "
             "shows an image model's views (train e.g. --config=ddpm_digits)"
         )
-    denoiser: Denoiser = experiment.denoiser(params)
-    process = experiment.process
-    images = data.uint8_to_float(experiment.load_split("test").images, experiment.data_range)
-    images = jnp.asarray(images[: context.size(256, 32)])
+    denoiser: Denoiser = run.denoiser
+    process = run.process
+    images = jnp.asarray(run.images("test")[0][: context.size(256, 32)])
     times = np.linspace(process.t_min, process.T, 11)
     if hasattr(process, "chain_times"):
-        times = process.chain_times[
-            np.round(np.linspace(0, len(process.chain_times) - 1, 11)).astype(int)
-        ]
+        chain = process.chain_times
+        times = chain[np.round(np.linspace(0, len(chain) - 1, 11)).astype(int)]
     predict = jax.jit(denoiser.predict)
     rows, strips = [], []
     for index, t in enumerate(times):
@@ -221,9 +218,9 @@ def _trained_model_panel(context: FigureContext):
         "rows": rows,
         "strips": strips,
         "times": times,
-        "step": step,
+        "step": run.step,
         "data_variance": variance,
-        "data_range": experiment.data_range,
+        "data_range": run.data_range,
     }, checks
 
 
