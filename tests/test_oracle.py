@@ -195,7 +195,10 @@ def labelled_mixture():
     return O.gaussian_mixture([1.0, 2.0, 1.0, 1.5, 0.5], means, covariances, labels=[0, 1, 1, 2, 2])
 
 
-@pytest.mark.parametrize("name", PROCESSES)
+@pytest.mark.parametrize(
+    "name",
+    [n if n in ("vp", "ddpm") else pytest.param(n, marks=pytest.mark.slow) for n in PROCESSES],
+)
 def test_class_conditional_is_the_sub_mixture_of_the_class(name, x64):
     """p_t(x | y) is the noised sub-mixture of class y's components: score, x0, eps and log-density
     with per-row labels equal those of ``class_conditional(y)``, built by selecting rows in numpy."""
@@ -219,7 +222,7 @@ def test_class_conditional_is_the_sub_mixture_of_the_class(name, x64):
             np.testing.assert_allclose(got_view[rows], want_view, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", ["vp", "ve", "edm"])
+@pytest.mark.parametrize("name", ["ve", pytest.param("vp", marks=pytest.mark.slow), "edm"])
 def test_bayes_rule_links_conditional_score_and_noisy_classifier(name, x64):
     """grad log p_t(x | y) = grad log p_t(x) + grad log p_t(y | x) (Bayes' rule; Song et al. 2021,
     Sec. 5.3), each side by its own route: the conditional score in closed form, the classifier
@@ -286,17 +289,28 @@ def test_null_label_is_unconditional_and_the_denoiser_takes_labels_as_y(x64):
     oracle = labelled_mixture()
     process = P.VPSDE()
     x = oracle.sample_marginal(jax.random.PRNGKey(7), process, 4, 0.4)
-    null = jnp.full((4,), oracle.num_classes)
-    np.testing.assert_array_equal(
-        oracle.score(process, x, 0.4, labels=null), oracle.score(process, x, 0.4)
-    )
     denoiser = oracle.denoiser(process)
-    labels = jnp.array([0, 1, 2, 3])  # the last row is unconditional
-    expected = jnp.concatenate(
-        [oracle.eps(process, x[:3], 0.4, labels=labels[:3]), oracle.eps(process, x[3:], 0.4)]
-    )
-    np.testing.assert_allclose(denoiser.eps(x, 0.4, y=labels), expected, rtol=1e-12)
-    np.testing.assert_array_equal(denoiser.eps(x, 0.4), oracle.eps(process, x, 0.4))
+
+    @jax.jit
+    def views(x):
+        null = jnp.full((4,), oracle.num_classes)
+        labels = jnp.array([0, 1, 2, 3])  # the last row is unconditional
+        by_rows = jnp.concatenate(
+            [oracle.eps(process, x[:3], 0.4, labels=labels[:3]), oracle.eps(process, x[3:], 0.4)]
+        )
+        return (
+            oracle.score(process, x, 0.4, labels=null),
+            oracle.score(process, x, 0.4),
+            denoiser.eps(x, 0.4, y=labels),
+            by_rows,
+            denoiser.eps(x, 0.4),
+            oracle.eps(process, x, 0.4),
+        )
+
+    null_score, score, labelled_eps, by_rows, network_eps, eps = views(x)
+    np.testing.assert_array_equal(null_score, score)
+    np.testing.assert_allclose(labelled_eps, by_rows, rtol=1e-12)
+    np.testing.assert_array_equal(network_eps, eps)
 
 
 def test_labelled_samples_follow_the_components():
