@@ -362,6 +362,14 @@ def test_learned_variance_split_and_interpolation():
         assert np.allclose(log_var, expected, rtol=1e-6)
         # predict sees the first C channels only (eps = x here).
         assert np.allclose(model.eps(x, t), x)
+    # The same 2C network under a fixed rule: the prediction is split off, the variance is beta.
+    fixed = V.ReverseModel(
+        denoiser=Denoiser(params=jnp.asarray(0.3), apply_fn=apply_fn, process=process),
+        variance="fixed_large",
+        outputs_variance=True,
+    )
+    mean, log_var = fixed.reverse_moments(x, t, s)
+    assert mean.shape == x.shape and np.allclose(log_var, log_beta, rtol=1e-6)
 
 
 @pytest.mark.slow
@@ -392,6 +400,13 @@ def test_learned_variance_end_points_give_the_fixed_bounds_on_8bit_images():
             bound(learned_network, -1.0, "learned"),
         )
     )()
+    # A learned-variance network evaluated with a fixed rule ignores its v.
+    split = V.ReverseModel(
+        denoiser=Denoiser(params=0.2, apply_fn=learned_network, process=process),
+        variance="fixed_large",
+        outputs_variance=True,
+    )
+    assert np.allclose(V.discrete_vlb(split, x0, jax.random.key(1)).terms, fixed_large, rtol=1e-5)
     assert np.all(np.isfinite(fixed_large)) and fixed_large.shape == (4, 10)
     assert np.allclose(v_one, fixed_large, rtol=1e-5)
     assert np.allclose(v_zero, fixed_small, rtol=1e-5)

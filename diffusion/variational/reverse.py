@@ -181,6 +181,8 @@ class ReverseModel(DenoiserViews):
       eps_sq_norm: Gamma_t at ``eps_sq_norm_times`` (increasing), needed by 'analytic' (from
         ``estimate_eps_sq_norm``, cached with the checkpoint); linearly interpolated in t.
       max_x0_variance: optional cap on E Var[x_0 | x_t] for 'analytic' (``expected_x0_variance``).
+      outputs_variance: the network outputs the 2C channels of a learned-variance model (implied by
+        variance='learned'); set it to evaluate such a network with another variance rule.
 
     It is a ``DenoiserViews``: ``predict`` gives (eps, x0) from the first C channels of a
     learned-variance network, so every sampler accepts it. A pytree whose leaves are the denoiser's
@@ -193,6 +195,7 @@ class ReverseModel(DenoiserViews):
     eps_sq_norm: Any = None
     eps_sq_norm_times: Any = None
     max_x0_variance: float | None = struct.field(pytree_node=False, default=None)
+    outputs_variance: bool = struct.field(pytree_node=False, default=False)
 
     def __post_init__(self):
         _check_variance("variance", self.variance)
@@ -224,8 +227,9 @@ class ReverseModel(DenoiserViews):
     def predict_with_interpolation(
         self, x: ArrayLike, t: ArrayLike, **model_kwargs
     ) -> tuple[Array, Array, Array | None]:
-        """(eps, x0, v) at (x, t) from one network evaluation; v is None unless variance='learned'."""
-        if self.variance != "learned":
+        """(eps, x0, v) at (x, t) from one network evaluation; v is None unless the network outputs
+        it (``outputs_variance`` or variance='learned')."""
+        if not (self.outputs_variance or self.variance == "learned"):
             eps, x0 = self.denoiser.predict(x, t, **model_kwargs)
             return eps, x0, None
         x = jnp.asarray(x)
@@ -309,7 +313,7 @@ class ReverseModel(DenoiserViews):
         coef_x0, coef_xt, _ = self.process.posterior(s, t)
         mean = expand_to(coef_x0, x) * x0_pred + expand_to(coef_xt, x) * x
         log_var = self.step_log_variance(t, s, interpolation)
-        return mean, (log_var if interpolation is not None else expand_to(log_var, x))
+        return mean, (log_var if self.variance == "learned" else expand_to(log_var, x))
 
     def reverse_moments(
         self, x: ArrayLike, t: ArrayLike, s: ArrayLike, **model_kwargs
@@ -323,9 +327,10 @@ class ReverseModel(DenoiserViews):
         self, x: ArrayLike, t: ArrayLike, s: ArrayLike, key: Array, **model_kwargs
     ) -> Array:
         """Draw x_s ~ p(x_s | x_t) = N(mean, variance): one ancestral step, one network evaluation."""
+        x = jnp.asarray(x)
         mean, log_var = self.reverse_moments(x, t, s, **model_kwargs)
-        noise = jax.random.normal(key, mean.shape, mean.dtype)
-        return mean + jnp.exp(0.5 * log_var).astype(mean.dtype) * noise
+        noise = jax.random.normal(key, x.shape, x.dtype)  # the samplers' noise convention
+        return (mean + jnp.exp(0.5 * log_var) * noise).astype(x.dtype)
 
 
 def _is_concrete(*arrays) -> bool:
