@@ -256,7 +256,7 @@ def ddpm_experiment(context: FigureContext) -> dict:
     axes.hist(sample_distance, bins=30, alpha=0.5, density=True, label="samples")
     axes.set_xlabel("distance to nearest training image")
     axes.set_title("memorisation probe", fontsize=9)
-    axes.legend(fontsize=7)
+    axes.legend(fontsize=7, loc="upper right")
     axes = figure.add_subplot(4, 4, 11)
     axes.imshow(_grid(from_one, data_range, 3), **gray)
     axes.set_title("9 reverse runs from one x_T", fontsize=9)

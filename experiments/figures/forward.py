@@ -111,7 +111,7 @@ def forward_process(context: FigureContext) -> dict:
         axes.hist(one_shot, bins=60, range=(-4.5, 4.5), density=True, alpha=0.5, label="one-shot")
         axes.plot(grid, common.mixture_density(mixture, process, grid, t), "k", lw=1)
         axes.set_title(f"q(x_t | x_0) vs chain, t = {step}", fontsize=9)
-        axes.legend(fontsize=7)
+        axes.legend(fontsize=7, loc="upper left")
         axes.set_yticks([])
     figure.suptitle("DDPM forward process, alpha_t = 0.97 (Chan 2024, Figs. 11-12, 14)")
     save(figure, context, "forward_process")

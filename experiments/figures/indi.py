@@ -170,7 +170,7 @@ def indi(context: FigureContext) -> dict:
     )
     axes.plot(grid, common.mixture_density(mixture, PROCESS, grid, 0.0), "k", lw=1, label="p(x)")
     axes.set_title("restorations", fontsize=9)
-    axes.legend(fontsize=6)
+    axes.legend(fontsize=6, loc="upper left")
     axes = figure.add_subplot(1, 4, 4)
     axes.plot(loss_times, [r["identity"] for r in loss_rows], "0.6", ls="--", label="D = x_t")
     axes.plot(loss_times, [r["mixture"] for r in loss_rows], "tab:blue", label="E[x|x_t], mixture")

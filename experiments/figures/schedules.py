@@ -109,7 +109,7 @@ def _oracle_views(context: FigureContext):
 
 def _error_propagation(context: FigureContext) -> tuple[dict, list[dict]]:
     """x0 early, eps late: the same relative error in an eps-network's or an x0-network's output,
-    propagated to the other view (exact: ||x0 - x0^||^2 = ||eps - eps^||^2 / SNR, REFERENCE-free:
+    propagated to the other view (exact: ||x0 - x0^||^2 = ||eps - eps^||^2 / SNR, independently:
     Ho et al. 2020 eq. 11 solved for x0)."""
     mixture = common.mixture_1d(**ORACLE_MIXTURE)
     data_std = float(np.sqrt(0.3**2 + 1.0))  # std of the mixture: within + between components

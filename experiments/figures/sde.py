@@ -271,7 +271,7 @@ def sde_demos(context: FigureContext) -> dict:
     axes.hist(reverse_final, bins=80, range=(-4, 4), density=True, alpha=0.6, label="reverse SDE")
     axes.plot(x_grid, common.mixture_density(mixture, vp, x_grid, t_end), "k", lw=1, label="p_0")
     axes.set_title("reverse SDE, exact score", fontsize=9)
-    axes.legend(fontsize=6)
+    axes.legend(fontsize=6, loc="upper left")
     axes = figure.add_subplot(2, 4, 4)
     axes.plot(forward_times, forward_paths, lw=0.5, color="tab:blue")
     snapshot_times = np.asarray(times)[snapshot_indices]
