@@ -1,0 +1,237 @@
+"""Peak resident memory of training vp_mnist at batch 128 and of sampling 1,000 MNIST-size images.
+
+Each case runs in its own subprocess, which reports its peak resident set size (``ru_maxrss``:
+the most memory the process ever held, JAX's runtime and compiled program included) and the
+resident size after building the experiment and initialising the parameters, before any train
+step or sampler was compiled (``rss_after_setup_bytes``). XLA's own account of the compiled
+program (``temp_bytes``: its scratch buffer; ``argument_bytes``, ``output_bytes``) is recorded
+next to it.
+
+Cases:
+
+* ``train``: vp_mnist's network, loss and optimiser (``experiments.build``), batch 128 of synthetic
+  28x28x1 images, ``jax.jit(train_step, donate_argnums=0)`` (the train state is donated, as in
+  ``diffusion.parallel.DataParallelStep``), 3 steps; with the U-Net's ``remat`` ('none', 'blocks',
+  'convs') and compute ``dtype`` (float32, bfloat16) options. ``step_s`` is the median time of the
+  last 2 steps, so the time an option costs is next to the memory it saves.
+* ``sample``: 1,000 images from vp_mnist's network (initial parameters: the cost does not depend on
+  their values) with DPM-Solver++(2M), 20 steps, in one compiled call (``diffusion.samplers.sample``)
+  or, with ``--sample-batch``, in chunks of that many.
+
+    python -m benchmarks.memory [--quick] [--cases=train,train_remat_blocks,...] [--sample-batch=N]
+
+``--quick`` runs ``train`` and ``sample`` only, the latter with 2 solver steps instead of 20: the
+compiled loop's memory does not depend on its length (one network evaluation's activations at a
+time), but 20 steps at batch 1,000 take about 15 minutes on a 2-core CPU.
+
+Prints one JSON object {"machine": {...}, "records": [{"case", "peak_rss_bytes", ...}, ...]}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+# case name -> (kind, remat, dtype)
+CASES = {
+    "train": ("train", "none", "float32"),
+    "train_remat_blocks": ("train", "blocks", "float32"),
+    "train_remat_convs": ("train", "convs", "float32"),
+    "train_bfloat16": ("train", "none", "bfloat16"),
+    "sample": ("sample", "none", "float32"),
+}
+QUICK_CASES = ("train", "sample")
+TRAIN_BATCH = 128
+NUM_SAMPLES = 1000
+SAMPLER, SAMPLER_STEPS = "dpm_solver_pp_2m", 20
+
+
+def rss_bytes() -> int:
+    """Current resident set size of this process (Linux /proc), in bytes."""
+    with open("/proc/self/statm") as statm:
+        resident_pages = int(statm.read().split()[1])
+    return resident_pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def memory_analysis(compiled) -> dict:
+    analysis = compiled.memory_analysis()
+    return {
+        "temp_bytes": int(analysis.temp_size_in_bytes),
+        "argument_bytes": int(analysis.argument_size_in_bytes),
+        "output_bytes": int(analysis.output_size_in_bytes),
+    }
+
+
+def build_experiment(remat: str, dtype_name: str):
+    """vp_mnist's experiment and its network with the given remat policy and compute dtype."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from experiments.build import build
+    from experiments.configs import vp_mnist
+
+    config = vp_mnist.get_config()
+    experiment = build(config)
+    dtype = None if dtype_name == "float32" else jnp.dtype(dtype_name)
+    model = experiment.model.clone(remat=remat, dtype=dtype)
+    loss = experiment.loss
+    loss = dataclasses.replace(loss, denoiser=loss.denoiser.replace(apply_fn=model.apply))
+    return config, experiment, model, loss
+
+
+def device_peak_bytes() -> int | None:
+    """Peak bytes in use on the accelerator (None where the backend keeps no statistics: CPU)."""
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    return None if not stats else int(stats.get("peak_bytes_in_use", 0))
+
+
+def run_train(remat: str, dtype_name: str) -> dict:
+    import jax
+    import numpy as np
+
+    from diffusion import training
+
+    config, experiment, model, loss = build_experiment(remat, dtype_name)
+    example = np.zeros((1, *experiment.data_shape), np.float32)
+    params = jax.jit(model.init)(jax.random.key(0), example, np.zeros((1,), np.float32))
+    step_fn = training.make_train_step(
+        loss,
+        experiment.optimizer,
+        learning_rate_fn=experiment.learning_rate_fn,
+        ema_decay=float(config.training.ema_decay),
+    )
+    state = training.create_train_state(params, experiment.optimizer, jax.random.key(1))
+    images = np.random.default_rng(0).uniform(-1, 1, (TRAIN_BATCH, *experiment.data_shape))
+    batch = {"image": jax.device_put(images.astype(np.float32))}
+    setup_rss = rss_bytes()
+    compiled = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+        times.append(time.perf_counter() - start)
+    return {
+        "batch": TRAIN_BATCH,
+        "param_count": int(sum(leaf.size for leaf in jax.tree.leaves(params))),
+        "rss_after_setup_bytes": setup_rss,
+        "step_s": float(np.median(times[1:])),
+        "loss": float(metrics["loss"]),
+        **memory_analysis(compiled),
+    }
+
+
+def run_sample(sample_batch: int, num_steps: int) -> dict:
+    import jax
+    import numpy as np
+
+    from diffusion import samplers
+
+    _, experiment, model, _ = build_experiment("none", "float32")
+    example = np.zeros((1, *experiment.data_shape), np.float32)
+    params = jax.jit(model.init)(jax.random.key(0), example, np.zeros((1,), np.float32))
+    denoiser = experiment.denoiser.replace(params=params)
+    setup_rss = rss_bytes()
+    start = time.perf_counter()
+    chunks = []
+    for index, first in enumerate(range(0, NUM_SAMPLES, sample_batch)):
+        size = min(sample_batch, NUM_SAMPLES - first)
+        result = samplers.sample(
+            SAMPLER,
+            denoiser,
+            jax.random.fold_in(jax.random.key(2), index),
+            (size, *experiment.data_shape),
+            grid="uniform_log_snr",
+            num_steps=num_steps,
+        )
+        chunks.append(np.asarray(result.samples))
+    samples = np.concatenate(chunks)
+    return {
+        "num_samples": int(samples.shape[0]),
+        "sample_batch": sample_batch,
+        "sampler": SAMPLER,
+        "num_steps": num_steps,
+        "rss_after_setup_bytes": setup_rss,
+        "seconds": time.perf_counter() - start,
+        "finite": bool(np.all(np.isfinite(samples))),
+    }
+
+
+def run_case(name: str, sample_batch: int, sampler_steps: int) -> dict:
+    """One case in this process: its figures and this process's peak RSS."""
+    kind, remat, dtype_name = CASES[name]
+    figures = (
+        run_train(remat, dtype_name) if kind == "train" else run_sample(sample_batch, sampler_steps)
+    )
+    return {
+        "case": name,
+        "kind": kind,
+        "remat": remat,
+        "dtype": dtype_name,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "device_peak_bytes": device_peak_bytes(),
+        **figures,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)}")
+    parser.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument(
+        "--sample-batch", type=int, default=NUM_SAMPLES, help="images per sampler call"
+    )
+    parser.add_argument("--sampler-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case
+    args = parser.parse_args()
+    if not 1 <= args.sample_batch <= NUM_SAMPLES:
+        parser.error(f"--sample-batch must be in [1, {NUM_SAMPLES}], got {args.sample_batch}")
+    sampler_steps = args.sampler_steps or (2 if args.quick else SAMPLER_STEPS)
+    if args.case is not None:
+        print(json.dumps(run_case(args.case, args.sample_batch, sampler_steps)))
+        return
+    names = args.cases.split(",") if args.cases else list(QUICK_CASES if args.quick else CASES)
+    unknown = sorted(set(names) - set(CASES))
+    if unknown:
+        parser.error(f"unknown cases {unknown}; known: {', '.join(CASES)}")
+
+    import jax
+
+    machine = {
+        "platform": jax.devices()[0].platform,
+        "device_kind": jax.devices()[0].device_kind,
+        "jax": jax.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    records = []
+    for name in names:
+        command = [sys.executable, "-m", "benchmarks.memory", f"--case={name}"]
+        output = subprocess.run(
+            [*command, f"--sample-batch={args.sample_batch}", f"--sampler-steps={sampler_steps}"],
+            cwd=root,
+            check=True,
+            capture_output=True,
+            text=True,
+        )
+        records.append(json.loads(output.stdout.strip().splitlines()[-1]))
+        print(json.dumps({"progress": name}), file=sys.stderr)
+    machine["load_average_at_end"] = list(os.getloadavg())
+    print(json.dumps({"machine": machine, "quick": args.quick, "records": records}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
