@@ -25,6 +25,8 @@ import optax
 from jax import Array
 from jax.typing import ArrayLike
 
+from diffusion.models import layers
+
 Params = Mapping[str, Any]
 
 # Value of the image background after scaling to [-1, 1]; used to pad shifted images.
@@ -70,12 +72,13 @@ def _conv_norm_relu(
     """Convolution (no bias), GroupNorm, ReLU, as submodules ``conv_<name>`` and ``norm_<name>``.
 
     GroupNorm (Wu & He 2018) normalises each example on its own, so ``apply`` needs no running
-    statistics and training and evaluation are the same function.
+    statistics and training and evaluation are the same function. It is
+    ``diffusion.models.layers.GroupNorm``: flax's parameters, a faster lowering on XLA:CPU.
     """
     hidden = nn.Conv(width, kernel_size, strides=strides, use_bias=False, name=f"conv_{name}")(
         inputs
     )
-    hidden = nn.GroupNorm(num_groups=math.gcd(width, 8), name=f"norm_{name}")(hidden)
+    hidden = layers.GroupNorm(num_groups=math.gcd(width, 8), name=f"norm_{name}")(hidden)
     return nn.relu(hidden)
 
 
