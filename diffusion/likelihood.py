@@ -331,7 +331,8 @@ def bits_per_dim_from_log_prob(
 
         bits/dim = -log p_data / (D ln 2) + 8 - log2(hi - lo)
 
-    (+7 for [-1, 1], +8 for [0, 1]; REFERENCE I-34; score_sde's ``offset = 7 - inverse_scaler(-1)``).
+    (+7 for [-1, 1], +8 for [0, 1]; docs/references.md #bits-per-dimension-of-8-bit-data;
+    score_sde's ``offset = 7 - inverse_scaler(-1)``).
     By Jensen, -E_u log2 p_y(x + u) / D bounds the discrete model's -log2 P(x) / D (Theis et al.
     2016, Sec. 3.1).
     """

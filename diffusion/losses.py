@@ -7,7 +7,9 @@ Every loss here is an estimator of one objective,
 (Vincent 2011; Song & Ermon 2019; Ho et al. 2020; Song et al. 2021, eq. 7), or of its
 discrete-chain / EDM variants where t is drawn from another law (``time_sampling``). The weighting
 is always stated as a weight w(t) on the eps-MSE; the literature states it on the MSE of whatever
-the network predicts, and REFERENCE I-8 converts (with SNR = alpha^2 / sigma^2, sigma_hat = sigma / alpha):
+the network predicts, converted here with the identities of docs/references.md ("Loss conversions":
+||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 = sigma^2 ||s - s_hat||^2, SNR = alpha^2 / sigma^2,
+sigma_hat = sigma / alpha):
 
     'simple'      w = 1                                 Ho et al. 2020, eq. 14 (L_simple)
     'sigma_sq'    w = 1                                 lambda(t) = sigma^2 on the score MSE (Song &
@@ -31,9 +33,10 @@ the network predicts, and REFERENCE I-8 converts (with SNR = alpha^2 / sigma^2, 
                                                         ||x0 - x0_hat||^2 = sigma_hat^2 ||eps - eps_hat||^2
 
 The loss is computed from the network's raw output F against its own regression target F*
-(``prediction_from_eps_x0``) as ``w(t) c(t) ||F - F*||^2``, where c(t) is the exact factor with
-||eps - eps_hat||^2 = c(t) ||F - F*||^2 (``eps_error_factor``). Its value equals
-w(t) ||eps - eps_hat||^2 for every parameterization, without dividing by a small sigma or alpha.
+(``diffusion.parameterization.prediction_from_eps_x0``) as ``w(t) c(t) ||F - F*||^2``, where c(t) is
+the exact factor with ||eps - eps_hat||^2 = c(t) ||F - F*||^2 that the parameterization table gives
+(``diffusion.parameterization.eps_error_factor``). Its value equals w(t) ||eps - eps_hat||^2 for
+every parameterization, without dividing by a small sigma or alpha.
 
 Convention: no factor 1/2 anywhere (as score_sde). Song & Ermon's NCSN objective (their eqs. 5-6,
 with lambda(sigma) = sigma^2 and the factor 1/2) is half of 'sigma_sq' with 'discrete' sampling on SMLD
@@ -52,7 +55,7 @@ import jax.numpy as jnp
 from jax import Array
 from jax.typing import ArrayLike
 
-from diffusion.parameterization import PARAMETERIZATIONS, Denoiser, prediction_from_eps_x0
+from diffusion.parameterization import Denoiser, eps_error_factor, prediction_from_eps_x0
 from diffusion.processes import Process
 from diffusion.shapes import expand_to, sum_except_batch
 
@@ -62,17 +65,14 @@ __all__ = [
     "WEIGHTINGS",
     "DenoisingLoss",
     "drop_labels",
-    "eps_error_factor",
     "eps_loss_weight",
     "sample_time",
 ]
 
-WEIGHTINGS = ("simple", "sigma_sq", "likelihood", "snr", "min_snr", "v", "edm")
-TIME_SAMPLINGS = ("uniform", "log_normal", "importance", "discrete")
 REDUCTIONS = ("mean", "sum")
 
 
-def _check_choice(name: str, value: str, accepted: tuple[str, ...]) -> None:
+def _check_choice(name: str, value: str, accepted: Mapping[str, Any] | tuple[str, ...]) -> None:
     if value not in accepted:
         raise ValueError(f"unknown {name} {value!r}; accepted: {', '.join(accepted)}")
 
@@ -88,6 +88,33 @@ def _likelihood_weight(process: Process, t: Array) -> Array:
     return process.diffusion_sq(t) * jnp.exp(-2.0 * process.log_sigma(t))
 
 
+@dataclasses.dataclass(frozen=True)
+class _WeightOptions:
+    sigma_data: float
+    min_snr_gamma: float
+
+
+# w(t) on the eps-MSE of each weighting (the table of the module docstring).
+WEIGHTINGS: dict[str, Callable[[Process, Array, _WeightOptions], Array]] = {
+    # L_simple (Ho et al. 2020, eq. 14).
+    "simple": lambda process, t, o: jnp.ones_like(t),
+    # lambda = sigma^2 on the score MSE (Song et al. 2021, eq. 7) is the eps-MSE itself.
+    "sigma_sq": lambda process, t, o: jnp.ones_like(t),
+    # lambda = g^2 on the score MSE (Song, Durkan, Murray & Ermon 2021, Thm. 1).
+    "likelihood": lambda process, t, o: _likelihood_weight(process, t),
+    # SNR on the x0-MSE (Hang et al. 2023, Sec. 3) is the eps-MSE itself.
+    "snr": lambda process, t, o: jnp.ones_like(t),
+    # min(SNR, gamma) on the x0-MSE (Hang et al. 2023, Sec. 3, Min-SNR-gamma).
+    "min_snr": lambda process, t, o: jnp.minimum(1.0, o.min_snr_gamma * _inverse_snr(process, t)),
+    # The v-MSE (Salimans & Ho 2022): (alpha^2 + sigma^2)^2 / alpha^2 = alpha^2 (1 + 1/SNR)^2.
+    "v": lambda process, t, o: (
+        jnp.exp(2.0 * process.log_alpha(t)) * (1.0 + _inverse_snr(process, t)) ** 2
+    ),
+    # lambda(sigma_hat) sigma_hat^2 with EDM's lambda (Karras et al. 2022, eq. 8).
+    "edm": lambda process, t, o: 1.0 + _inverse_snr(process, t) / o.sigma_data**2,
+}
+
+
 def eps_loss_weight(
     weighting: str,
     process: Process,
@@ -96,55 +123,68 @@ def eps_loss_weight(
     sigma_data: float = 0.5,
     min_snr_gamma: float = 5.0,
 ) -> Array:
-    """The weight w(t) of ``weighting`` on the eps-MSE ||eps - eps_hat||^2 (table in the module doc).
+    """The weight w(t) of ``weighting`` on the eps-MSE ||eps - eps_hat||^2 (``WEIGHTINGS``).
 
     'simple' (Ho et al. 2020, eq. 14), 'sigma_sq' (Song et al. 2021, eq. 7 with lambda = sigma^2) and
-    'snr' (Hang et al. 2023, Sec. 3) are all w = 1 (REFERENCE I-8); 'likelihood' is g^2/sigma^2
-    (Song, Durkan et al. 2021, Thm. 1); 'min_snr' is min(1, gamma/SNR) (Hang et al. 2023, Sec. 3);
-    'v' is (alpha^2 + sigma^2)^2/alpha^2 (Salimans & Ho 2022); 'edm' is
-    (sigma_hat^2 + sigma_data^2)/sigma_data^2 (Karras et al. 2022, eq. 8).
+    'snr' (Hang et al. 2023, Sec. 3) are all w = 1; 'likelihood' is g^2/sigma^2 (Song, Durkan et al.
+    2021, Thm. 1); 'min_snr' is min(1, gamma/SNR) (Hang et al. 2023, Sec. 3); 'v' is
+    (alpha^2 + sigma^2)^2/alpha^2 (Salimans & Ho 2022); 'edm' is (sigma_hat^2 + sigma_data^2) /
+    sigma_data^2 (Karras et al. 2022, eq. 8).
     """
     _check_choice("weighting", weighting, WEIGHTINGS)
-    t = jnp.asarray(t)
-    if weighting in ("simple", "sigma_sq", "snr"):
-        return jnp.ones_like(t)
-    if weighting == "likelihood":
-        return _likelihood_weight(process, t)
-    if weighting == "min_snr":
-        # min(SNR, gamma) / SNR (Hang et al. 2023, moved from the x0-MSE to the eps-MSE).
-        return jnp.minimum(1.0, min_snr_gamma * _inverse_snr(process, t))
-    if weighting == "v":
-        # (alpha^2 + sigma^2)^2 / alpha^2 = alpha^2 (1 + 1/SNR)^2.
-        return jnp.exp(2.0 * process.log_alpha(t)) * (1.0 + _inverse_snr(process, t)) ** 2
-    # EDM: lambda(sigma_hat) sigma_hat^2 with lambda of Karras et al. 2022, eq. 8.
-    return 1.0 + _inverse_snr(process, t) / sigma_data**2
-
-
-def eps_error_factor(
-    parameterization: str, process: Process, t: ArrayLike, *, sigma_data: float = 0.5
-) -> Array:
-    """c(t) with ||eps - eps_hat||^2 = c(t) ||F - F*||^2 for the network output F and its target F*.
-
-    Each parameterization is affine in eps at fixed (x, t), so c is the squared slope d eps / dF:
-    eps: 1; x0: SNR (eps = (x - alpha x0)/sigma); score: sigma^2 (eps = -sigma s); v:
-    alpha^2/(alpha^2 + sigma^2)^2 (v = ((alpha^2 + sigma^2) eps - sigma x)/alpha); edm:
-    sigma_data^2/(sigma_hat^2 + sigma_data^2) (x0 = c_skip x_hat + c_out F, Karras et al. 2022, eq. 7,
-    with c_out of Table 1). REFERENCE I-8.
-    """
-    _check_choice("parameterization", parameterization, PARAMETERIZATIONS)
-    t = jnp.asarray(t)
-    if parameterization == "eps":
-        return jnp.ones_like(t)
-    if parameterization == "x0":
-        return jnp.exp(2.0 * process.log_snr(t))
-    if parameterization == "score":
-        return jnp.exp(2.0 * process.log_sigma(t))
-    if parameterization == "v":
-        return 1.0 / (jnp.exp(2.0 * process.log_alpha(t)) * (1.0 + _inverse_snr(process, t)) ** 2)
-    return sigma_data**2 / (_inverse_snr(process, t) + sigma_data**2)  # edm
+    options = _WeightOptions(sigma_data=sigma_data, min_snr_gamma=min_snr_gamma)
+    return WEIGHTINGS[weighting](process, jnp.asarray(t), options)
 
 
 # ================================================================================ time sampling
+@dataclasses.dataclass(frozen=True)
+class _TimeOptions:
+    log_normal_mean: float
+    log_normal_std: float
+
+
+def _uniform_times(process: Process, key: Array, shape, dtype, options) -> tuple[Array, Array]:
+    # t = t_min + (T - t_min) U, U ~ U[0, 1); weight 1.
+    t = process.t_min + (process.T - process.t_min) * jax.random.uniform(key, shape, dtype)
+    return t, jnp.ones(shape, dtype)
+
+
+def _log_normal_times(process: Process, key: Array, shape, dtype, options) -> tuple[Array, Array]:
+    # ln sigma_hat ~ N(P_mean, P_std^2) (Karras et al. 2022, Table 1); weight 1 (EDM's objective).
+    log_sigma_hat = options.log_normal_mean + options.log_normal_std * jax.random.normal(
+        key, shape, dtype
+    )
+    t = process.t_from_log_snr(-log_sigma_hat)
+    return jnp.clip(t, process.t_min, process.T).astype(dtype), jnp.ones(shape, dtype)
+
+
+def _importance_times(process: Process, key: Array, shape, dtype, options) -> tuple[Array, Array]:
+    # lambda ~ U[lambda(T), lambda(t_min)]: density proportional to g^2/sigma^2 (Song, Durkan et al.
+    # 2021, Sec. 5); weight (lambda_max - lambda_min) / ((T - t_min) (-dlambda/dt)) keeps the
+    # estimator unbiased for the uniform-in-t objective.
+    log_snr_max = process.log_snr(process.t_min)
+    log_snr_min = process.log_snr(process.T)
+    log_snr = jax.random.uniform(key, shape, dtype, minval=log_snr_min, maxval=log_snr_max)
+    t = jnp.clip(process.t_from_log_snr(log_snr), process.t_min, process.T).astype(dtype)
+    log_snr_rate = 0.5 * _likelihood_weight(process, t)
+    weight = (log_snr_max - log_snr_min) / ((process.T - process.t_min) * log_snr_rate)
+    return t, weight.astype(dtype)
+
+
+def _discrete_times(process: Process, key: Array, shape, dtype, options) -> tuple[Array, Array]:
+    # Uniform over the chain's states (Ho et al. 2020, Alg. 1; Song & Ermon 2019, eq. 6); weight 1.
+    index = jax.random.randint(key, shape, 0, len(process.chain_times))
+    return jnp.asarray(process.chain_times, dtype)[index], jnp.ones(shape, dtype)
+
+
+TIME_SAMPLINGS: dict[str, Callable[..., tuple[Array, Array]]] = {
+    "uniform": _uniform_times,
+    "log_normal": _log_normal_times,
+    "importance": _importance_times,
+    "discrete": _discrete_times,
+}
+
+
 def sample_time(
     time_sampling: str,
     process: Process,
@@ -157,38 +197,17 @@ def sample_time(
 ) -> tuple[Array, Array]:
     """Draw (batch_size,) times and their importance weights u(t)/p(t) for the uniform objective.
 
-    'uniform': t = t_min + (T - t_min) U, U ~ U[0, 1); weight 1.
-    'log_normal': ln sigma_hat = log_normal_mean + log_normal_std n, n ~ N(0, 1) (Karras et al. 2022,
-      Table 1: P_mean = -1.2, P_std = 1.2), t = t(lambda = -ln sigma_hat) clipped to [t_min, T];
-      weight 1 (this changes the objective, as EDM does).
-    'importance': lambda ~ U[lambda(T), lambda(t_min)], t = t(lambda). Its density p(t) =
-      -dlambda/dt / (lambda(t_min) - lambda(T)) is proportional to g^2/sigma^2 = -2 dlambda/dt (Song,
-      Durkan et al. 2021, Sec. 5); the weight (1/(T - t_min)) / p(t) keeps the estimator unbiased for
-      the uniform-in-t objective (constant for the 'likelihood' weighting).
-    'discrete': uniform over ``process.chain_times`` (index ~ randint(0, N)); weight 1 (Ho et al.
-      2020, Alg. 1; Song & Ermon 2019, eq. 6).
+    'uniform': t ~ U[t_min, T); weight 1. 'log_normal': ln sigma_hat ~ N(log_normal_mean,
+    log_normal_std^2) (Karras et al. 2022, Table 1: -1.2, 1.2), t = t(lambda = -ln sigma_hat) clipped
+    to [t_min, T]; weight 1 (this changes the objective, as EDM does). 'importance': lambda uniform,
+    density proportional to g^2/sigma^2 (Song, Durkan et al. 2021, Sec. 5), weight keeping the
+    uniform-in-t objective unbiased (constant for the 'likelihood' weighting). 'discrete': uniform over
+    ``process.chain_times`` (Ho et al. 2020, Alg. 1); needs a discrete chain.
     """
     _check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
+    options = _TimeOptions(log_normal_mean=log_normal_mean, log_normal_std=log_normal_std)
     dtype = dtype or jnp.result_type(float)
-    shape = (batch_size,)
-    if time_sampling == "discrete":
-        index = jax.random.randint(key, shape, 0, len(process.chain_times))
-        return jnp.asarray(process.chain_times, dtype)[index], jnp.ones(shape, dtype)
-    if time_sampling == "uniform":
-        t = process.t_min + (process.T - process.t_min) * jax.random.uniform(key, shape, dtype)
-        return t, jnp.ones(shape, dtype)
-    if time_sampling == "log_normal":
-        log_sigma_hat = log_normal_mean + log_normal_std * jax.random.normal(key, shape, dtype)
-        t = process.t_from_log_snr(-log_sigma_hat)
-        return jnp.clip(t, process.t_min, process.T).astype(dtype), jnp.ones(shape, dtype)
-    log_snr_max = process.log_snr(process.t_min)
-    log_snr_min = process.log_snr(process.T)
-    log_snr = jax.random.uniform(key, shape, dtype, minval=log_snr_min, maxval=log_snr_max)
-    t = jnp.clip(process.t_from_log_snr(log_snr), process.t_min, process.T).astype(dtype)
-    # -dlambda/dt = g^2 / (2 sigma^2); weight = (lambda_max - lambda_min) / ((T - t_min) (-dlambda/dt)).
-    log_snr_rate = 0.5 * _likelihood_weight(process, t)
-    weight = (log_snr_max - log_snr_min) / ((process.T - process.t_min) * log_snr_rate)
-    return t, weight.astype(dtype)
+    return TIME_SAMPLINGS[time_sampling](process, key, (batch_size,), dtype, options)
 
 
 # ================================================================================ labels
@@ -227,31 +246,29 @@ def _data_from_batch(batch: Mapping[str, Array], needs_label: bool) -> Array:
 class DenoisingLoss:
     """Denoising score matching loss; an instance is the pure loss function of a train step.
 
-    ``DenoisingLoss(process=..., parameterization=..., apply_fn=..., weighting=...)`` validates the
-    combination (ValueError naming the bad value) and returns the callable
+    ``DenoisingLoss(denoiser=..., weighting=...)`` validates the combination (ValueError naming the
+    bad value) and returns the callable
 
         loss_fn(params, batch, key, *, train=True) -> (loss, {'eps_mse': ...})
 
-    ``batch`` holds 'image' (NHWC) or 'x' (any batch-first array) and optionally 'label' (B,) ints,
-    given to the network as ``y`` only when ``num_classes`` is set (conditional model). ``key`` is
-    split once into (time, noise, dropout, label) keys: t and its weight come from
-    ``sample_time(time_sampling, process, key_time, B, x.dtype)``, eps from
-    ``process.sample_marginal(key_noise, x0, t)``. With ``train=True`` the network is called with
-    ``train=True, rngs={'dropout': key_dropout}`` (Flax Linen ``apply``), with ``train=False`` with no
-    extra keywords. The loss is the batch mean of importance_weight(t) w(t) c(t) ||F - F*||^2 reduced
-    over data dimensions by ``reduction`` (see the module doc); 'eps_mse' is the batch mean of the
-    unweighted c(t) ||F - F*||^2 = ||eps - eps_hat||^2 with the same reduction.
+    which evaluates ``denoiser.replace(params=params)``: the denoiser (process, parameterization,
+    time input, network) is built once, by the caller, and shared with the samplers. ``batch`` holds
+    'image' (NHWC) or 'x' (any batch-first array) and optionally 'label' (B,) ints, given to the
+    network as ``y`` only when ``num_classes`` is set (conditional model). ``key`` is split once into
+    (time, noise, dropout, label) keys: t and its weight come from ``sample_time(time_sampling,
+    process, key_time, B, x.dtype)``, eps from ``process.sample_marginal(key_noise, x0, t)``. With
+    ``train=True`` the network is called with ``train=True, rngs={'dropout': key_dropout}`` (Flax
+    Linen ``apply``), with ``train=False`` with no extra keywords. The loss is the batch mean of
+    importance_weight(t) w(t) c(t) ||F - F*||^2 reduced over data dimensions by ``reduction`` (see the
+    module doc); 'eps_mse' is the batch mean of the unweighted c(t) ||F - F*||^2 = ||eps - eps_hat||^2
+    with the same reduction.
 
     Attributes:
-      process: the forward process.
-      parameterization: what the network predicts ('eps', 'x0', 'score', 'v', 'edm').
-      apply_fn: ``apply_fn(params, x, t_input, **model_kwargs)``, e.g. a Flax module's ``apply``.
+      denoiser: the network as a denoiser of its process (its params are replaced at each call).
       weighting: one of WEIGHTINGS.
-      time_input: how the network's time input is computed from t (``network_time``).
-      time_sampling: one of TIME_SAMPLINGS; 'discrete' needs a chain (DDPM, SMLD) and is refused
-        with the 'likelihood' weighting, which is defined for continuous time.
+      time_sampling: one of TIME_SAMPLINGS; 'discrete' needs a discrete chain and is refused with the
+        'likelihood' weighting, which is defined for continuous time.
       reduction: 'mean' or 'sum' over data dimensions.
-      sigma_data: the data std of the EDM preconditioning and weighting (Karras et al. 2022).
       min_snr_gamma: gamma of 'min_snr' (Hang et al. 2023 use 5).
       log_normal_mean, log_normal_std: P_mean, P_std of 'log_normal' (Karras et al. 2022: -1.2, 1.2).
       num_classes: None for an unconditional network (labels in the batch are ignored); else the
@@ -260,14 +277,10 @@ class DenoisingLoss:
         ``train=True`` (classifier-free guidance, Ho & Salimans 2022); needs ``num_classes``.
     """
 
-    process: Process
-    parameterization: str
-    apply_fn: Callable[..., Array]
+    denoiser: Denoiser
     weighting: str
-    time_input: str = "t"
     time_sampling: str = "uniform"
     reduction: str = "mean"
-    sigma_data: float = 0.5
     min_snr_gamma: float = 5.0
     log_normal_mean: float = -1.2
     log_normal_std: float = 1.2
@@ -275,18 +288,18 @@ class DenoisingLoss:
     label_dropout: float = 0.0
 
     def __post_init__(self):
-        if not isinstance(self.process, Process):
-            raise ValueError(f"process must be a diffusion.processes.Process, got {self.process!r}")
+        if not isinstance(self.denoiser, Denoiser):
+            raise ValueError(
+                f"denoiser must be a diffusion.parameterization.Denoiser, got {self.denoiser!r}"
+            )
         _check_choice("weighting", self.weighting, WEIGHTINGS)
         _check_choice("time_sampling", self.time_sampling, TIME_SAMPLINGS)
         _check_choice("reduction", self.reduction, REDUCTIONS)
-        # The Denoiser checks parameterization, time_input and sigma_data.
-        self._denoiser(params=None)
         if self.time_sampling == "discrete":
-            if not hasattr(self.process, "chain_times"):
+            if not self.process.is_discrete:
                 raise ValueError(
                     "time_sampling='discrete' needs a discrete chain (DDPM or SMLD); "
-                    f"{type(self.process).__name__} has no chain_times"
+                    f"{type(self.process).__name__} is continuous"
                 )
             if self.weighting == "likelihood":
                 raise ValueError(
@@ -313,15 +326,9 @@ class DenoisingLoss:
                 f"label_dropout={self.label_dropout!r} needs num_classes (the null label's index)"
             )
 
-    def _denoiser(self, params: Any) -> Denoiser:
-        return Denoiser(
-            params=params,
-            apply_fn=self.apply_fn,
-            process=self.process,
-            parameterization=self.parameterization,
-            time_input=self.time_input,
-            sigma_data=self.sigma_data,
-        )
+    @property
+    def process(self) -> Process:
+        return self.denoiser.process
 
     def _model_kwargs(
         self, batch: Mapping[str, Array], key_dropout: Array, key_label: Array, train: bool
@@ -342,32 +349,33 @@ class DenoisingLoss:
         """(loss, {'eps_mse': ...}) on one batch; pure, so it can be jitted, sharded, differentiated."""
         x0 = _data_from_batch(batch, needs_label=self.num_classes is not None)
         key_time, key_noise, key_dropout, key_label = jax.random.split(key, 4)
+        process, denoiser = self.process, self.denoiser
         t, importance_weight = sample_time(
             self.time_sampling,
-            self.process,
+            process,
             key_time,
             x0.shape[0],
             x0.dtype,
             log_normal_mean=self.log_normal_mean,
             log_normal_std=self.log_normal_std,
         )
-        x_t, eps = self.process.sample_marginal(key_noise, x0, t)
+        x_t, eps = process.sample_marginal(key_noise, x0, t)
         model_kwargs = self._model_kwargs(batch, key_dropout, key_label, train)
-        output = self._denoiser(params).network_output(x_t, t, **model_kwargs)
-        alpha = expand_to(self.process.alpha(t), x0)
-        sigma = expand_to(self.process.sigma(t), x0)
+        output = denoiser.replace(params=params).network_output(x_t, t, **model_kwargs)
+        alpha = expand_to(process.alpha(t), x0)
+        sigma = expand_to(process.sigma(t), x0)
         target = prediction_from_eps_x0(
-            eps, x0, self.parameterization, x_t, alpha, sigma, self.sigma_data
+            eps, x0, denoiser.parameterization, alpha, sigma, denoiser.sigma_data
         )
-        # ||eps - eps_hat||^2 per example, from the raw output's own error (REFERENCE I-8).
+        # ||eps - eps_hat||^2 per example, from the raw output's own error.
         eps_squared_error = eps_error_factor(
-            self.parameterization, self.process, t, sigma_data=self.sigma_data
+            denoiser.parameterization, process, t, sigma_data=denoiser.sigma_data
         ) * _reduce((output - target) ** 2, self.reduction)
         weight = importance_weight * eps_loss_weight(
             self.weighting,
-            self.process,
+            process,
             t,
-            sigma_data=self.sigma_data,
+            sigma_data=denoiser.sigma_data,
             min_snr_gamma=self.min_snr_gamma,
         )
         loss = jnp.mean(weight * eps_squared_error)

@@ -112,6 +112,25 @@ class Process(abc.ABC):
     def sampling_t_end(self) -> float:
         """Default end time of sampling (score_sde: 1e-3 for VP / sub-VP, 1e-5 for VE)."""
 
+    # ----------------------------------------------------------------------------- discrete chains
+    @property
+    def chain_times(self) -> np.ndarray | None:
+        """Times of the states x_1 .. x_N of a discrete chain (DDPM, SMLD), increasing; None for a
+        continuous process."""
+        return None
+
+    @property
+    def is_discrete(self) -> bool:
+        """Whether the process is a discrete chain (has ``chain_times`` and ``network_index``)."""
+        return self.chain_times is not None
+
+    def network_index(self, t: ArrayLike) -> Array:
+        """The 0-based chain index a discrete-time network is conditioned on at time t."""
+        raise ValueError(
+            f"{type(self).__name__} is a continuous process: it has no chain index (only DDPM and "
+            "SMLD chains do)"
+        )
+
     # ----------------------------------------------------------------------------- derived scales
     def alpha(self, t: ArrayLike) -> Array:
         """Signal scale alpha(t)."""
@@ -461,10 +480,6 @@ class SMLD(VESDE):
             np.linspace(math.log(self.sigma_max), math.log(self.sigma_min), self.num_levels)
         )
 
-    @property
-    def num_steps(self) -> int:
-        return self.num_levels
-
     @functools.cached_property
     def chain_times(self) -> np.ndarray:
         """Times of sigma_L, ..., sigma_1 (increasing noise)."""
@@ -479,15 +494,14 @@ class SMLD(VESDE):
 class EDM(Process):
     """Karras et al. 2022 ("EDM"): alpha = 1, sigma(t) = t, t in [sigma_min, sigma_max].
 
-    Carries sigma_data (the data std used by the EDM preconditioning, Table 1) and rho (the exponent
-    of its time grid, eq. 5) so that both have a home next to the process they belong to.
+    Their preconditioning (with the data std sigma_data) is a parameterization
+    (``diffusion.parameterization``) and their rho-grid a time grid (``diffusion.samplers.grids``):
+    both apply to every process, so neither is a field here.
     """
 
     name: ClassVar[str] = "edm"
     sigma_min: float = 0.002
     sigma_max: float = 80.0
-    sigma_data: float = 0.5
-    rho: float = 7.0
     t_min: float = dataclasses.field(init=False)
     T: float = dataclasses.field(init=False)
 
@@ -497,8 +511,6 @@ class EDM(Process):
             f"EDM: need 0 < sigma_min < sigma_max, got sigma_min={self.sigma_min!r}, "
             f"sigma_max={self.sigma_max!r}",
         )
-        _require(self.sigma_data > 0.0, f"EDM: need sigma_data > 0, got {self.sigma_data!r}")
-        _require(self.rho > 0.0, f"EDM: need rho > 0, got rho={self.rho!r}")
         object.__setattr__(self, "t_min", float(self.sigma_min))
         object.__setattr__(self, "T", float(self.sigma_max))
 

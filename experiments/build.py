@@ -1,17 +1,20 @@
-"""From a config to library objects: validation first (every bad key named), then construction.
+"""From a config to library objects, one way: validation first (every bad key named), then construction.
 
 ``build(config)`` checks the whole config before anything heavy happens (no dataset is read, no
 network initialised, nothing compiled) and raises ``ConfigError`` naming the offending key; then it
-returns an ``Experiment`` holding the process, the network, the denoiser factory, the loss, the
-optimiser, the sampler settings and the data source. The library functions it calls know nothing of
-configs (DESIGN.md: config -> objects built once here -> pure library functions).
+returns an ``Experiment``: the process, the network, the denoiser (built once; the loss and the
+samplers take it and replace its params), the loss, the optimiser and its schedule, and frozen
+settings for training, sampling, evaluation and data. Nothing downstream reads the config again: the
+experiment keeps it only as ``record``, the JSON that DIR/config.json stores (DESIGN.md: config ->
+objects built once here -> pure library functions).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -25,7 +28,17 @@ from diffusion.models.unet import level_resolutions
 from diffusion.parameterization import Denoiser
 from diffusion.processes import Process, make_process
 
-__all__ = ["ConfigError", "Experiment", "build", "config_to_json"]
+__all__ = [
+    "ConfigError",
+    "DataSettings",
+    "EvalSettings",
+    "Experiment",
+    "SamplingSettings",
+    "Stream",
+    "TrainingSettings",
+    "build",
+    "config_to_json",
+]
 
 MODELS = ("unet", "mlp")
 FEATURE_EXTRACTORS = ("classifier", "inception", "none")
@@ -34,6 +47,17 @@ _IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": 
 
 class ConfigError(ValueError):
     """A config key has a bad value, or keys combine impossibly; the message names the key(s)."""
+
+
+class Stream(enum.IntEnum):
+    """The PRNG streams of an experiment: stream s draws from fold_in(PRNGKey(seed), s)."""
+
+    INIT = 0  # network initialisation
+    TRAIN = 1  # the train state's base key (each step folds in its number)
+    SNAPSHOT = 2  # training snapshots (each folds in its step)
+    SAMPLE = 3  # --mode=sample
+    EVAL = 4  # --mode=eval
+    SWEEP = 5  # --mode=sweep
 
 
 def _wrap(section: str, build_fn: Callable[[], Any]) -> Any:
@@ -56,33 +80,131 @@ def config_to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
+# ============================================================================= settings
+@dataclasses.dataclass(frozen=True)
+class TrainingSettings:
+    """How long and how a run trains, logs, saves and looks (config.training)."""
+
+    batch_size: int
+    n_iters: int
+    log_freq: int
+    checkpoint_freq: int
+    keep_checkpoints: int
+    snapshot_freq: int
+    snapshot_sampling: bool
+    snapshot_num_samples: int
+    ema_decay: float
+    ema_warmup: bool
+    parallelism: str
+    steps_per_call: int
+    max_nonfinite_steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """The sampler and its grid (config.sampling): ``sample`` draws with them."""
+
+    method: str
+    grid: str
+    num_steps: int
+    t_end: float | None
+    rho: float
+    denoise_final: bool
+    options: Mapping[str, Mapping[str, Any]]  # sampler name -> its options
+    num_samples: int
+    batch_size: int
+
+    def options_of(self, method: str) -> dict[str, Any]:
+        """The configured options of sampler ``method`` (its registry defaults if none)."""
+        return dict(self.options.get(method, {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+    """What --mode=eval and --mode=sweep compute (config.eval)."""
+
+    batch_size: int
+    num_samples: int
+    bpd: bool
+    bpd_num_examples: int
+    bpd_rtol: float
+    feature_extractor: str
+    inception_weights: str | None
+    classifier_steps: int
+    classifier_batch_size: int
+    classifier_learning_rate: float
+    classifier_max_shift: int
+    classifier_weight_decay: float
+    sweep_solvers: tuple[str, ...]
+    sweep_nfes: tuple[int, ...]
+    sweep_grids: tuple[str, ...]
+    sweep_num_samples: int
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSettings:
+    """Where the data comes from and how it is presented (config.data)."""
+
+    dataset: str
+    data_dir: str | None
+    idx_dir: str | None
+    data_range: tuple[float, float]
+    dequantize: bool
+    random_flip: bool
+
+    @property
+    def is_toy(self) -> bool:
+        return self.dataset in (*data.TOY_DATASETS, *data.ORACLE_PRESETS)
+
+    @property
+    def has_oracle(self) -> bool:
+        """Whether the data is an oracle preset (exact scores and likelihoods known)."""
+        return self.dataset in data.ORACLE_PRESETS
+
+
+def _settings(cls: type, section: ml_collections.ConfigDict, **computed: Any) -> Any:
+    """``cls`` filled from the config section's keys of the same names (sequences as tuples)."""
+    values = {}
+    for field in dataclasses.fields(cls):
+        if field.name in computed:
+            continue
+        value = section[field.name]
+        values[field.name] = tuple(value) if isinstance(value, list | tuple) else value
+    return cls(**values, **computed)
+
+
+# ============================================================================= the experiment
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything a mode of experiments/run.py needs, built once from a validated config."""
 
-    config: ml_collections.ConfigDict
+    record: Mapping[str, Any]  # the config as JSON values: what DIR/config.json records
+    seed: int
     process: Process
     model: Any  # a flax.linen Module (UNet or MLP)
+    denoiser: Denoiser  # params=None: ``denoiser.replace(params=...)`` to use it
     loss: losses.DenoisingLoss
     optimizer: optax.GradientTransformation
     learning_rate_fn: optax.Schedule
     data_shape: tuple[int, ...]  # one example, e.g. (28, 28, 1) or (2,)
-    data_range: tuple[float, float]
-    is_toy: bool
+    data: DataSettings
+    training: TrainingSettings
+    sampling: SamplingSettings
+    eval: EvalSettings
+
+    @property
+    def is_toy(self) -> bool:
+        return self.data.is_toy
+
+    @property
+    def data_range(self) -> tuple[float, float]:
+        return self.data.data_range
+
+    def key(self, stream: Stream) -> jax.Array:
+        """The PRNG key of ``stream`` (see ``Stream``)."""
+        return jax.random.fold_in(jax.random.PRNGKey(self.seed), int(stream))
 
     # ------------------------------------------------------------------------- the network
-    def denoiser(self, params: Any) -> Denoiser:
-        """The network with ``params`` seen as a denoiser of the configured process."""
-        model_config = self.config.model
-        return Denoiser(
-            params=params,
-            apply_fn=self.model.apply,
-            process=self.process,
-            parameterization=model_config.parameterization,
-            time_input=model_config.time_input,
-            sigma_data=float(model_config.sigma_data),
-        )
-
     def init_params(self, key: jax.Array) -> Any:
         """Fresh network parameters (jitted init on a batch of one)."""
         dummy_x = np.zeros((1, *self.data_shape), np.float32)
@@ -111,57 +233,48 @@ class Experiment:
         options: dict | None = None,
     ) -> samplers.SampleResult:
         """``num`` samples from the EMA ``params`` with the configured (or overridden) sampler."""
-        sampling = self.config.sampling
+        sampling = self.sampling
         method = method or sampling.method
         return samplers.sample(
             method,
-            self.denoiser(params),
+            self.denoiser.replace(params=params),
             key,
             (num, *self.data_shape),
             grid=grid or sampling.grid,
-            num_steps=num_steps or int(sampling.num_steps),
+            num_steps=num_steps or sampling.num_steps,
             t_end=sampling.t_end,
             rho=float(sampling.rho),
             denoise_final=bool(sampling.denoise_final),
-            **(sampler_options(self.config, method) if options is None else options),
+            **(sampling.options_of(method) if options is None else options),
         )
 
     # ------------------------------------------------------------------------- data
     def data_source(self) -> Callable[[int], dict[str, np.ndarray]]:
         """``batch_fn(step)``: this process's training batch at ``step`` (pure in (seed, step))."""
-        config = self.config
         kwargs = dict(
-            batch_size=config.training.batch_size,
-            seed=int(config.seed),
+            batch_size=self.training.batch_size,
+            seed=self.seed,
             process_index=jax.process_index(),
             process_count=jax.process_count(),
         )
         if self.is_toy:
-            name = config.data.dataset
+            name = self.data.dataset
             return lambda step: {"x": data.toy_batch(name, step=step, **kwargs)}
         dataset = self.load_split("train")
         return lambda step: data.image_batch(
             dataset,
             step=step,
             data_range=self.data_range,
-            dequantize=bool(config.data.dequantize),
-            random_flip=bool(config.data.random_flip),
+            dequantize=self.data.dequantize,
+            random_flip=self.data.random_flip,
             **kwargs,
         )
 
     def load_split(self, split: str) -> data.ImageDataset:
         """An image split (raises data.DatasetNotFoundError with its remedies when missing)."""
         return data.load_dataset(
-            self.config.data.dataset,
-            split,
-            data_dir=self.config.data.data_dir,
-            idx_dir=self.config.data.idx_dir,
+            self.data.dataset, split, data_dir=self.data.data_dir, idx_dir=self.data.idx_dir
         )
-
-
-def sampler_options(config: ml_collections.ConfigDict, method: str) -> dict[str, Any]:
-    """The options of sampler ``method`` from ``config.sampling.options.<method>``."""
-    return dict(config.sampling.options[method]) if method in config.sampling.options else {}
 
 
 # ============================================================================= validation + build
@@ -309,6 +422,11 @@ def _check_training(config: ml_collections.ConfigDict) -> None:
     )
 
 
+def _sampler_options(options: ml_collections.ConfigDict, method: str) -> dict[str, Any]:
+    """The options of sampler ``method`` from ``config.sampling.options.<method>``."""
+    return dict(options[method]) if method in options else {}
+
+
 def _check_sampling(config: ml_collections.ConfigDict, process: Process) -> None:
     sampling = config.sampling
     method = sampling.method
@@ -316,7 +434,9 @@ def _check_sampling(config: ml_collections.ConfigDict, process: Process) -> None
     _wrap(
         f"sampling.options.{method}",
         lambda: samplers.sampler_program(
-            method, denoise_final=bool(sampling.denoise_final), **sampler_options(config, method)
+            method,
+            denoise_final=bool(sampling.denoise_final),
+            **_sampler_options(sampling.options, method),
         ),
     )
     _wrap(
@@ -340,8 +460,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     )
     process = _process(config)
     model = _model(config, data_shape, is_toy)
-    # The Denoiser checks parameterization / time_input / sigma_data against the process.
-    _wrap(
+    denoiser = _wrap(
         "model",
         lambda: Denoiser(
             params=None,
@@ -356,14 +475,10 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     loss = _wrap(
         "training",
         lambda: losses.DenoisingLoss(
-            process=process,
-            parameterization=config.model.parameterization,
-            apply_fn=model.apply,
+            denoiser=denoiser,
             weighting=train.weighting,
-            time_input=config.model.time_input,
             time_sampling=train.time_sampling,
             reduction=train.reduction,
-            sigma_data=float(config.model.sigma_data),
             min_snr_gamma=float(train.min_snr_gamma),
             num_classes=config.model.num_classes,
         ),
@@ -376,15 +491,23 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         "eval.feature_extractor",
         f"{config.eval.feature_extractor!r} is not one of {', '.join(FEATURE_EXTRACTORS)}",
     )
-    data_range = (-1.0, 1.0) if config.data.centered else (0.0, 1.0)
+    sampler_options = {name: dict(options) for name, options in config.sampling.options.items()}
     return Experiment(
-        config=config,
+        record=json.loads(config_to_json(config)),
+        seed=int(config.seed),
         process=process,
         model=model,
+        denoiser=denoiser,
         loss=loss,
         optimizer=optimizer,
         learning_rate_fn=learning_rate_fn,
         data_shape=data_shape,
-        data_range=data_range,
-        is_toy=is_toy,
+        data=_settings(
+            DataSettings,
+            config.data,
+            data_range=(-1.0, 1.0) if config.data.centered else (0.0, 1.0),
+        ),
+        training=_settings(TrainingSettings, config.training),
+        sampling=_settings(SamplingSettings, config.sampling, options=sampler_options),
+        eval=_settings(EvalSettings, config.eval),
     )

@@ -31,7 +31,7 @@ import numpy as np
 from diffusion import data, likelihood, metrics, oracle
 from diffusion.images import save_image_grid, save_scatter_png, write_atomically
 from diffusion.models import classifier
-from experiments.build import Experiment
+from experiments.build import Experiment, Stream
 from experiments.sample import draw_samples
 from experiments.workdir import restore_ema_params
 
@@ -48,23 +48,23 @@ def load_or_train_classifier(experiment: Experiment, eval_dir: str) -> tuple[Any
     """(params, test accuracy) of the in-project classifier for the experiment's dataset.
 
     Trained once on the training split (in [-1, 1]) and cached in ``eval_dir`` (created if needed),
-    keyed by its settings (config.eval.classifier_*, seed): other settings train a new one.
+    keyed by its settings (``experiment.eval.classifier_*``, seed): other settings train a new one.
     """
     os.makedirs(eval_dir, exist_ok=True)
-    dataset = experiment.config.data.dataset
+    dataset = experiment.data.dataset
     params_path = os.path.join(eval_dir, f"classifier_{dataset}.msgpack")
     info_path = os.path.join(eval_dir, f"classifier_{dataset}.json")
     train_split, test_split = experiment.load_split("train"), experiment.load_split("test")
     train_images = data.uint8_to_float(train_split.images, (-1.0, 1.0))
     test_images = data.uint8_to_float(test_split.images, (-1.0, 1.0))
-    eval_config = experiment.config.eval
+    eval_settings = experiment.eval
     settings = dict(
-        steps=int(eval_config.classifier_steps),
-        batch_size=int(eval_config.classifier_batch_size),
-        learning_rate=float(eval_config.classifier_learning_rate),
-        max_shift=int(eval_config.classifier_max_shift),
-        weight_decay=float(eval_config.classifier_weight_decay),
-        seed=int(experiment.config.seed),
+        steps=eval_settings.classifier_steps,
+        batch_size=eval_settings.classifier_batch_size,
+        learning_rate=float(eval_settings.classifier_learning_rate),
+        max_shift=eval_settings.classifier_max_shift,
+        weight_decay=float(eval_settings.classifier_weight_decay),
+        seed=experiment.seed,
     )
     if os.path.exists(params_path) and os.path.exists(info_path):
         with open(info_path) as file:
@@ -101,7 +101,7 @@ def _centered(experiment: Experiment, images: np.ndarray) -> np.ndarray:
 
 def _features_fn(experiment: Experiment, eval_dir: str, record: dict[str, Any]):
     """features(images in the data range) -> (N, d) for the configured extractor, or None."""
-    extractor = experiment.config.eval.feature_extractor
+    extractor = experiment.eval.feature_extractor
     if extractor == "classifier":
         params, accuracy = load_or_train_classifier(experiment, eval_dir)
         record["classifier_test_accuracy"] = accuracy
@@ -111,7 +111,7 @@ def _features_fn(experiment: Experiment, eval_dir: str, record: dict[str, Any]):
     if extractor == "inception":
         from diffusion.models import inception
 
-        path = experiment.config.eval.inception_weights
+        path = experiment.eval.inception_weights
         if path is None:
             raise FileNotFoundError(
                 "config.eval.inception_weights is not set: give the .npz converted from "
@@ -134,8 +134,7 @@ def _features_fn(experiment: Experiment, eval_dir: str, record: dict[str, Any]):
 
 
 def _reference_features(experiment: Experiment, eval_dir: str, features_fn, split: str):
-    dataset = experiment.config.data.dataset
-    extractor = experiment.config.eval.feature_extractor
+    dataset, extractor = experiment.data.dataset, experiment.eval.feature_extractor
     path = os.path.join(eval_dir, f"features_{dataset}_{split}_{extractor}.npz")
     if os.path.exists(path):
         with np.load(path) as archive:
@@ -148,12 +147,11 @@ def _reference_features(experiment: Experiment, eval_dir: str, features_fn, spli
 
 # ----------------------------------------------------------------------------- pieces
 def _test_loss(experiment: Experiment, params, key) -> float:
-    config = experiment.config
     loss_fn = jax.jit(lambda p, batch, k: experiment.loss(p, batch, k, train=False)[0])
-    batch_size = int(config.eval.batch_size)
+    batch_size = experiment.eval.batch_size
     if experiment.is_toy:
         points = data.toy_batch(
-            config.data.dataset, step=0, batch_size=4096, seed=int(config.seed) + 1
+            experiment.data.dataset, step=0, batch_size=4096, seed=experiment.seed + 1
         )
         batches = [{"x": chunk} for chunk in np.array_split(points, max(1, 4096 // batch_size))]
     else:
@@ -174,12 +172,11 @@ def _test_loss(experiment: Experiment, params, key) -> float:
 
 
 def _bits_per_dim(experiment: Experiment, params, key) -> dict[str, float]:
-    config = experiment.config
     test = experiment.load_split("test")
-    images = test.images[: int(config.eval.bpd_num_examples)]
-    denoiser = experiment.denoiser(params)
+    images = test.images[: experiment.eval.bpd_num_examples]
+    denoiser = experiment.denoiser.replace(params=params)
     values, nfes = [], []
-    batch_size = int(config.eval.batch_size)
+    batch_size = experiment.eval.batch_size
     for index, start in enumerate(range(0, len(images), batch_size)):
         bpd, nfe = likelihood.image_bits_per_dim(
             denoiser,
@@ -187,8 +184,8 @@ def _bits_per_dim(experiment: Experiment, params, key) -> dict[str, float]:
             jax.random.fold_in(key, index),
             data_range=experiment.data_range,
             divergence="hutchinson",
-            rtol=float(config.eval.bpd_rtol),
-            atol=float(config.eval.bpd_rtol),
+            rtol=float(experiment.eval.bpd_rtol),
+            atol=float(experiment.eval.bpd_rtol),
         )
         values.append(np.asarray(bpd))
         nfes.append(int(nfe))
@@ -204,8 +201,7 @@ def _bits_per_dim(experiment: Experiment, params, key) -> dict[str, float]:
 
 
 def _toy_metrics(experiment: Experiment, params, samples: np.ndarray, key) -> dict[str, Any]:
-    config = experiment.config
-    name, num = config.data.dataset, len(samples)
+    name, num = experiment.data.dataset, len(samples)
 
     def fresh(seed: int, count: int) -> np.ndarray:
         return data.toy_batch(name, step=0, batch_size=count, seed=10_000 + seed)
@@ -225,7 +221,8 @@ def _toy_metrics(experiment: Experiment, params, samples: np.ndarray, key) -> di
             jnp.mean(truth.log_prob(experiment.process, jnp.asarray(fresh(1, num)), t0))
         )
         points = jnp.asarray(fresh(2, 256))
-        result = likelihood.ode_log_likelihood(experiment.denoiser(params), points, key)
+        denoiser = experiment.denoiser.replace(params=params)
+        result = likelihood.ode_log_likelihood(denoiser, points, key)
         record["ode_log_prob_per_dim"] = float(jnp.mean(result.log_prob)) / truth.dim
         record["exact_log_prob_per_dim"] = (
             float(jnp.mean(truth.log_prob(experiment.process, points, t0))) / truth.dim
@@ -237,27 +234,26 @@ def _toy_metrics(experiment: Experiment, params, samples: np.ndarray, key) -> di
 # ----------------------------------------------------------------------------- the mode
 def evaluate(experiment: Experiment, workdir: str, *, checkpoint_step: int | None = None) -> dict:
     """Write DIR/eval/eval.json (and samples.png, class_histogram.json) and return the record."""
-    config = experiment.config
+    sampling, eval_settings = experiment.sampling, experiment.eval
     step, params = restore_ema_params(experiment, workdir, checkpoint_step)
     if not experiment.is_toy:
         experiment.load_split("test")  # a missing dataset stops the run before anything is written
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 4)
-    sample_key, loss_key, bpd_key, toy_key = jax.random.split(key, 4)
+    sample_key, loss_key, bpd_key, toy_key = jax.random.split(experiment.key(Stream.EVAL), 4)
     record: dict[str, Any] = {
         "config": os.path.join(workdir, "config.json"),
         "step": step,
-        "sampler": config.sampling.method,
-        "grid": config.sampling.grid,
-        "num_steps": int(config.sampling.num_steps),
+        "sampler": sampling.method,
+        "grid": sampling.grid,
+        "num_steps": sampling.num_steps,
     }
     samples, nfe, seconds = draw_samples(
         experiment,
         params,
         sample_key,
-        int(config.eval.num_samples),
-        int(config.sampling.batch_size),
+        eval_settings.num_samples,
+        sampling.batch_size,
     )
     record.update(nfe=nfe, num_samples=len(samples), sampling_seconds=seconds)
     record["test_loss"] = _test_loss(experiment, params, loss_key)
@@ -268,11 +264,11 @@ def evaluate(experiment: Experiment, workdir: str, *, checkpoint_step: int | Non
         )
     else:
         save_image_grid(os.path.join(eval_dir, "samples.png"), samples[:100], experiment.data_range)
-        if config.eval.bpd:
+        if eval_settings.bpd:
             record.update(_bits_per_dim(experiment, params, bpd_key))
         features_fn = _features_fn(experiment, eval_dir, record)
         if features_fn is not None:
-            extractor = config.eval.feature_extractor
+            extractor = eval_settings.feature_extractor
             reference = _reference_features(experiment, eval_dir, features_fn, "test")
             generated = np.asarray(features_fn(samples))
             stats_ref = metrics.feature_statistics(reference)
@@ -293,7 +289,7 @@ def evaluate(experiment: Experiment, workdir: str, *, checkpoint_step: int | Non
                 generated, reference, subset_size=subset, num_subsets=20, seed=0
             )
             record.update({f"kid_{extractor}": kid_mean, f"kid_{extractor}_std": kid_std})
-        if config.eval.feature_extractor == "classifier":
+        if eval_settings.feature_extractor == "classifier":
             params_classifier, _ = load_or_train_classifier(experiment, eval_dir)
             logits, _ = classifier.classifier_logits_and_features(
                 params_classifier, _centered(experiment, samples)

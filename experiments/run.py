@@ -195,7 +195,7 @@ def main(argv: list[str]) -> None:
         if _MODE.value == "train":
             train(experiment, workdir, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
         else:
-            check_resume(_CONFIG.value, workdir, allow_change=_ALLOW_CONFIG_CHANGE.value)
+            check_resume(experiment.record, workdir, allow_change=_ALLOW_CONFIG_CHANGE.value)
             MODE_FUNCTIONS[_MODE.value](experiment, workdir, checkpoint_step=_CHECKPOINT_STEP.value)
     except DatasetNotFoundError as error:
         idx = " or --config.data.idx_dir=DIR with its original IDX files" if error.has_idx else ""

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from diffusion.images import save_image_grid, save_scatter_png, write_atomically
-from experiments.build import Experiment
+from experiments.build import Experiment, Stream
 from experiments.workdir import restore_ema_params
 
 __all__ = ["draw_samples", "sample"]
@@ -36,18 +36,17 @@ def draw_samples(
 
 def sample(experiment: Experiment, workdir: str, *, checkpoint_step: int | None = None) -> str:
     """Write DIR/sample/<method>_step<step>.png and .npz; print NFE and time; return the .npz path."""
-    config = experiment.config
+    sampling = experiment.sampling
     step, ema_params = restore_ema_params(experiment, workdir, checkpoint_step)
-    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 3)
     samples, nfe, seconds = draw_samples(
         experiment,
         ema_params,
-        key,
-        int(config.sampling.num_samples),
-        int(config.sampling.batch_size),
+        experiment.key(Stream.SAMPLE),
+        sampling.num_samples,
+        sampling.batch_size,
     )
     directory = os.path.join(workdir, "sample")
-    name = f"{config.sampling.method}_step{step}"
+    name = f"{sampling.method}_step{step}"
     npz_path = os.path.join(directory, name + ".npz")
     png_path = os.path.join(directory, name + ".png")
     write_atomically(npz_path, lambda file: np.savez(file, samples=samples, nfe=nfe, step=step))
@@ -56,7 +55,7 @@ def sample(experiment: Experiment, workdir: str, *, checkpoint_step: int | None 
     else:
         save_image_grid(png_path, samples, experiment.data_range)
     print(
-        f"{len(samples)} samples from step {step} with {config.sampling.method} "
+        f"{len(samples)} samples from step {step} with {sampling.method} "
         f"({nfe} NFE each) in {seconds:.1f} s -> {png_path}"
     )
     return npz_path

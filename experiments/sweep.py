@@ -24,7 +24,7 @@ from matplotlib.ticker import NullFormatter
 
 from diffusion import data, metrics, oracle, samplers
 from diffusion.images import write_atomically
-from experiments.build import Experiment, sampler_options
+from experiments.build import Experiment, Stream
 from experiments.workdir import restore_ema_params
 
 __all__ = ["plot_sweep", "run_sweep", "sweep", "sweep_markdown", "write_sweep"]
@@ -119,13 +119,14 @@ def write_sweep(
 
 
 def run_sweep(experiment: Experiment, denoiser, key: jax.Array) -> tuple[list[dict], str | None]:
-    """The configured sweep (config.eval.sweep_*) of ``denoiser``; returns (records, metric name)."""
-    config = experiment.config
-    num = int(config.eval.sweep_num_samples)
+    """The configured sweep (``experiment.eval.sweep_*``) of ``denoiser``; returns (records, metric
+    name)."""
+    settings, sampling = experiment.eval, experiment.sampling
+    num = settings.sweep_num_samples
     prior_key, solver_key = jax.random.split(key)
     x_init = experiment.process.prior_sample(prior_key, (num, *experiment.data_shape))
     # The solvers are compared on the ODE itself: no final denoising step, whatever the config says.
-    common = dict(t_end=config.sampling.t_end, rho=float(config.sampling.rho), denoise_final=False)
+    common = dict(t_end=sampling.t_end, rho=float(sampling.rho), denoise_final=False)
     reference = samplers.sample(
         "adaptive",
         denoiser,
@@ -138,21 +139,21 @@ def run_sweep(experiment: Experiment, denoiser, key: jax.Array) -> tuple[list[di
     ).samples
     metric, metric_name = None, None
     if experiment.is_toy:
-        fresh = data.toy_batch(config.data.dataset, step=0, batch_size=num, seed=20_000)
+        fresh = data.toy_batch(experiment.data.dataset, step=0, batch_size=num, seed=20_000)
         metric_name = "sliced_w2"
 
         def metric(samples):
             return metrics.sliced_wasserstein_distance(samples, fresh)
 
-    solvers = [(name, sampler_options(config, name)) for name in config.eval.sweep_solvers]
+    solvers = [(name, sampling.options_of(name)) for name in settings.sweep_solvers]
     records = samplers.sweep(
         denoiser,
         solver_key,
         x_init,
         reference,
         solvers=solvers,
-        nfes=tuple(config.eval.sweep_nfes),
-        grids=tuple(config.eval.sweep_grids),
+        nfes=settings.sweep_nfes,
+        grids=settings.sweep_grids,
         metric=metric,
         **common,
     )
@@ -162,18 +163,17 @@ def run_sweep(experiment: Experiment, denoiser, key: jax.Array) -> tuple[list[di
 def sweep(experiment: Experiment, workdir: str, *, checkpoint_step: int | None = None) -> str:
     """Run the sweep on the checkpoint's EMA params (or, for toy oracle data without a checkpoint,
     on the exact oracle denoiser) and write DIR/sweep/; return the Markdown table."""
-    config = experiment.config
+    dataset = experiment.data.dataset
     try:
         step, params = restore_ema_params(experiment, workdir, checkpoint_step)
-        denoiser, source = experiment.denoiser(params), f"checkpoint step {step}"
+        denoiser, source = experiment.denoiser.replace(params=params), f"checkpoint step {step}"
     except FileNotFoundError:
-        if not (experiment.is_toy and config.data.dataset in data.ORACLE_PRESETS):
+        if not experiment.data.has_oracle:
             raise
-        denoiser = oracle.preset(config.data.dataset).denoiser(experiment.process)
-        source = f"the exact oracle of {config.data.dataset} (no checkpoint in {workdir})"
-    print(f"sweeping {len(config.eval.sweep_solvers)} solvers on {source}")
-    key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 5)
-    records, metric_name = run_sweep(experiment, denoiser, key)
+        denoiser = oracle.preset(dataset).denoiser(experiment.process)
+        source = f"the exact oracle of {dataset} (no checkpoint in {workdir})"
+    print(f"sweeping {len(experiment.eval.sweep_solvers)} solvers on {source}")
+    records, metric_name = run_sweep(experiment, denoiser, experiment.key(Stream.SWEEP))
     for record in records:
         record["source"] = source
     directory = os.path.join(workdir, "sweep")

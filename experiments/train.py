@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 
 from diffusion import oracle, parallel, training
 from diffusion.metric_writers import MetricWriter
-from experiments.build import Experiment
+from experiments.build import Experiment, Stream
 from experiments.workdir import (
     check_resume,
     checkpoint_manager,
@@ -79,14 +79,13 @@ class _ConsoleEcho:
 
 
 def _snapshot_fn(experiment: Experiment, writer: MetricWriter):
-    config = experiment.config
-    if not config.training.snapshot_sampling:
+    if not experiment.training.snapshot_sampling:
         return None
-    num = int(config.training.snapshot_num_samples)
-    snapshot_key = jax.random.fold_in(jax.random.PRNGKey(int(config.seed)), 2)
+    num = experiment.training.snapshot_num_samples
     reference = None
-    if experiment.is_toy and config.data.dataset in oracle.PRESETS:
-        reference = np.asarray(oracle.preset(config.data.dataset).sample(jax.random.key(0), num))
+    if experiment.data.has_oracle:
+        truth = oracle.preset(experiment.data.dataset)
+        reference = np.asarray(truth.sample(jax.random.key(0), num))
 
     def sample_fn(ema_params, key):
         return experiment.sample(ema_params, key, num).samples
@@ -94,7 +93,7 @@ def _snapshot_fn(experiment: Experiment, writer: MetricWriter):
     return training.make_snapshot_fn(
         sample_fn,
         writer,
-        snapshot_key,
+        experiment.key(Stream.SNAPSHOT),
         kind="points" if experiment.is_toy else "images",
         data_range=experiment.data_range,
         reference_points=reference,
@@ -104,26 +103,25 @@ def _snapshot_fn(experiment: Experiment, writer: MetricWriter):
 def train(
     experiment: Experiment, workdir: str, *, allow_config_change: bool = False
 ) -> training.TrainState:
-    """Train up to config.training.n_iters, resuming from DIR/checkpoints when it holds a state.
+    """Train up to ``experiment.training.n_iters`` steps, resuming from DIR/checkpoints when it holds a state.
 
     Before anything is written: the data is opened and the config is checked against the workdir's
     record (``experiments.workdir.check_resume``). In a multi-process run every process calls this;
     only process 0 writes the record, logs and snapshots. Raises ``Preempted`` after a checkpointed
     stop on SIGTERM / SIGINT and ``training.NonFiniteTrainingError`` when updates keep failing.
     """
-    config = experiment.config
-    train_config = config.training
+    settings = experiment.training
     batch_fn = experiment.data_source()  # reads the dataset: fails early if it is missing
-    changes = check_resume(config, workdir, allow_change=allow_config_change)
+    changes = check_resume(experiment.record, workdir, allow_change=allow_config_change)
     is_writer = jax.process_index() == 0
     step_fn = training.make_train_step(
         experiment.loss,
         experiment.optimizer,
         learning_rate_fn=experiment.learning_rate_fn,
-        ema_decay=float(train_config.ema_decay),
-        ema_warmup=bool(train_config.ema_warmup),
+        ema_decay=settings.ema_decay,
+        ema_warmup=settings.ema_warmup,
     )
-    runner = parallel.DataParallelStep(step_fn, parallelism=train_config.parallelism)
+    runner = parallel.DataParallelStep(step_fn, parallelism=settings.parallelism)
     with checkpoint_manager(experiment, workdir) as manager:
         state, resumed = restore_or_initialize(experiment, manager, runner.state_sharding)
         step = int(state.step)
@@ -140,21 +138,21 @@ def train(
             if writer is not None:
                 stack.enter_context(writer)
                 if not resumed:
-                    writer.write_hparams(config.to_dict())
+                    writer.write_hparams(experiment.record)
             snapshot_fn = _snapshot_fn(experiment, writer) if writer is not None else None
             start = time.perf_counter()
             state = training.train_loop(
                 state,
                 runner,
                 batch_fn,
-                num_steps=int(train_config.n_iters),
-                log_every=int(train_config.log_freq),
-                writer=_ConsoleEcho(writer, int(train_config.n_iters)) if writer else None,
+                num_steps=settings.n_iters,
+                log_every=settings.log_freq,
+                writer=_ConsoleEcho(writer, settings.n_iters) if writer else None,
                 checkpoint_manager=manager,
                 snapshot_fn=snapshot_fn,
-                snapshot_every=int(train_config.snapshot_freq) if snapshot_fn else None,
-                steps_per_call=int(train_config.steps_per_call),
-                max_nonfinite_steps=int(train_config.max_nonfinite_steps),
+                snapshot_every=settings.snapshot_freq if snapshot_fn else None,
+                steps_per_call=settings.steps_per_call,
+                max_nonfinite_steps=settings.max_nonfinite_steps,
                 stop_requested=lambda: bool(received),
                 progress=is_writer,
             )

@@ -26,12 +26,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import ml_collections
 
 from diffusion import training
 from diffusion.checkpoints import CheckpointManager, abstract_state
 from diffusion.images import write_atomically
-from experiments.build import Experiment, config_to_json
+from experiments.build import Experiment, Stream
 
 __all__ = [
     "SAFE_TO_CHANGE",
@@ -132,11 +131,12 @@ def _is_safe(key: str, recorded: Mapping[str, Any]) -> bool:
 
 
 def config_changes(
-    recorded: Mapping[str, Any], config: ml_collections.ConfigDict
+    recorded: Mapping[str, Any], record: Mapping[str, Any]
 ) -> tuple[dict[str, tuple[Any, Any]], dict[str, tuple[Any, Any]]]:
-    """(safe, unsafe) differences between the record and ``config``: {key: (recorded, new)}."""
+    """(safe, unsafe) differences between two records (configs as JSON values):
+    {key: (recorded, new)}."""
     old = _flatten(recorded)
-    new = _flatten(json.loads(config_to_json(config)))
+    new = _flatten(record)
     differing = {
         key: (old.get(key), new.get(key))
         for key in sorted(old.keys() | new.keys())
@@ -148,9 +148,10 @@ def config_changes(
 
 
 def check_resume(
-    config: ml_collections.ConfigDict, workdir: str, *, allow_change: bool
+    record: Mapping[str, Any], workdir: str, *, allow_change: bool
 ) -> dict[str, tuple[Any, Any]]:
-    """The changes of ``config`` against the workdir's record (empty without checkpoints).
+    """The changes of ``record`` (``Experiment.record``) against the workdir's (empty without
+    checkpoints).
 
     Raises ResumeMismatchError listing each key that changes what the checkpoints are, with both
     values, unless ``allow_change``. Writes nothing.
@@ -158,7 +159,7 @@ def check_resume(
     recorded = read_record(workdir)
     if recorded is None or not has_checkpoints(workdir):
         return {}
-    safe, unsafe = config_changes(recorded, config)
+    safe, unsafe = config_changes(recorded, record)
     if unsafe and not allow_change:
         listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, (old, new) in unsafe.items())
         raise ResumeMismatchError(
@@ -174,7 +175,7 @@ def record_config(
 ) -> None:
     """Write DIR/config.json atomically and append the accepted ``changes`` (if any) with the step
     from which they apply to DIR/config_changes.jsonl."""
-    text = config_to_json(experiment.config).encode()
+    text = json.dumps(experiment.record, indent=2, sort_keys=True).encode()
     write_atomically(os.path.join(workdir, CONFIG_FILENAME), lambda file: file.write(text))
     if changes:
         entry = {
@@ -187,24 +188,17 @@ def record_config(
 
 
 def checkpoint_manager(experiment: Experiment, workdir: str) -> CheckpointManager:
-    training_config = experiment.config.training
     return CheckpointManager(
         os.path.join(workdir, CHECKPOINTS_DIR),
-        save_every=int(training_config.checkpoint_freq),
-        keep_last=int(training_config.keep_checkpoints),
+        save_every=experiment.training.checkpoint_freq,
+        keep_last=experiment.training.keep_checkpoints,
     )
-
-
-def _keys(experiment: Experiment) -> tuple[jax.Array, jax.Array]:
-    root = jax.random.PRNGKey(int(experiment.config.seed))
-    return jax.random.fold_in(root, 0), jax.random.fold_in(root, 1)  # init, training
 
 
 def initial_state(experiment: Experiment) -> training.TrainState:
     """The TrainState at step 0 (parameters initialised from the config's seed)."""
-    init_key, train_key = _keys(experiment)
-    params = experiment.init_params(init_key)
-    return training.create_train_state(params, experiment.optimizer, train_key)
+    params = experiment.init_params(experiment.key(Stream.INIT))
+    return training.create_train_state(params, experiment.optimizer, experiment.key(Stream.TRAIN))
 
 
 def _abstract_initial_state(experiment: Experiment, sharding: Any = None) -> Any:

@@ -5,19 +5,17 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import subprocess
-import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import REPO, cli_env, run_cli, write_mnist_like_idx
+from conftest import write_mnist_like_idx
 
 from diffusion import data
 from diffusion.metric_writers import read_scalars
 from experiments import run
 from experiments.build import ConfigError, build
+from experiments.configs import base
 from experiments.evaluate import evaluate
 from experiments.sample import sample
 from experiments.sweep import sweep, sweep_markdown
@@ -67,7 +65,23 @@ def test_every_config_validates(name):
     assert experiment.param_count() > 0
 
 
-@pytest.mark.parametrize("name", CONFIGS)
+def configs_to_train() -> list[str]:
+    """Every config, except that of the cross product view x 28x28 data source
+    ({vp,subvp,ve,ddpm,smld,edm}_{mnist,fashion_mnist,fashion_mnist_idx}) only what each view and
+    each data source adds is trained: every view on MNIST and the vp view on every source."""
+    views, sources = base.VIEWS, ("mnist", "fashion_mnist", "fashion_mnist_idx")
+    cross = {f"{view}_{source}" for view in views for source in sources}
+    kept = {f"{view}_mnist" for view in views} | {f"vp_{source}" for source in sources}
+    return [name for name in CONFIGS if name not in cross or name in kept]
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(name, marks=() if name == "toy_vp" else pytest.mark.slow)  # toy_vp: fast tier
+        for name in configs_to_train()
+    ],
+)
 def test_every_config_trains_two_steps_and_samples(name, tmp_path):
     config = shrink(load_config(name))
     if config.data.idx_dir is not None:
@@ -120,90 +134,7 @@ def test_impossible_configs_are_rejected_naming_the_key(name, overrides, fragmen
     assert fragment in str(info.value)
 
 
-def test_cli_rejects_an_unknown_key_and_a_missing_dataset(tmp_path):
-    unknown = run_cli("--config=vp_mnist", f"--workdir={tmp_path}", "--config.training.n_itres=5")
-    assert unknown.returncode != 0
-    assert "n_itres" in unknown.stderr
-    missing = run_cli(
-        "--config=vp_mnist", f"--workdir={tmp_path}", f"--config.data.data_dir={tmp_path}/tfds"
-    )
-    assert missing.returncode != 0
-    message = missing.stderr
-    assert "mnist" in message and f"{tmp_path}/tfds" in message
-    assert "data_dir" in message and "idx_dir" in message
-    assert "Traceback" not in message
-    unknown_config = run_cli("--config=vp_imagenet", f"--workdir={tmp_path}")
-    assert unknown_config.returncode != 0 and "vp_mnist" in unknown_config.stderr
-
-
-def _wait_for_checkpoint(directory, step, process, timeout):
-    start = time.time()
-    while time.time() - start < timeout:
-        if os.path.isdir(os.path.join(directory, str(step))):
-            return True
-        if process.poll() is not None:
-            return False
-        time.sleep(0.2)
-    return False
-
-
-def test_cli_train_kill_resume_sample_end_to_end(tmp_path):
-    """toy_vp through the CLI: killed after its first checkpoint, resumed, then sampled twice.
-    The resumed run ends with the parameters of an uninterrupted run, bitwise."""
-    common = [
-        "--config=toy_vp",
-        "--config.training.n_iters=400",
-        "--config.training.checkpoint_freq=20",
-        "--config.training.log_freq=20",
-        "--config.training.snapshot_freq=200",
-        "--config.training.snapshot_num_samples=64",
-        "--config.training.batch_size=64",
-        "--config.model.width=32",
-        "--config.sampling.num_samples=64",
-        "--config.sampling.batch_size=64",
-        "--config.sampling.num_steps=10",
-    ]
-    killed = str(tmp_path / "killed")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "experiments.run", f"--workdir={killed}", *common],
-        cwd=REPO,
-        env=cli_env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        assert _wait_for_checkpoint(os.path.join(killed, "checkpoints"), 20, process, 300)
-        process.kill()
-        process.wait()
-    finally:
-        if process.poll() is None:
-            process.kill()
-    resumed = run_cli(f"--workdir={killed}", *common)
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    resumed_from = int(resumed.stdout.split("resuming from the checkpoint at step ")[1].split()[0])
-    assert 20 <= resumed_from < 400  # killed mid-run
-    straight = str(tmp_path / "straight")
-    uninterrupted = run_cli(f"--workdir={straight}", *common)
-    assert uninterrupted.returncode == 0, uninterrupted.stderr[-2000:]
-
-    records = read_scalars(os.path.join(killed, "metrics.jsonl"))
-    steps = [r["step"] for r in records]
-    assert steps == sorted(set(steps)) and steps[-1] == 400  # no duplicated steps after resume
-    with open(os.path.join(killed, "config.json")) as file:
-        assert json.load(file)["training"]["n_iters"] == 400
-
-    outputs = []
-    for workdir in (killed, killed, straight):
-        result = run_cli(f"--workdir={workdir}", "--mode=sample", *common)
-        assert result.returncode == 0, result.stderr[-2000:]
-        assert "NFE" in result.stdout
-        with np.load(os.path.join(workdir, "sample", "dpm_solver_multistep_step400.npz")) as f:
-            outputs.append(f["samples"])
-    np.testing.assert_array_equal(outputs[0], outputs[1])  # same checkpoint, config, seed
-    np.testing.assert_array_equal(outputs[0], outputs[2])  # resumed == uninterrupted
-    assert os.path.exists(os.path.join(killed, "sample", "dpm_solver_multistep_step400.png"))
-
-
+@pytest.mark.slow
 def test_eval_and_sweep_on_a_toy_run(tmp_path):
     config = shrink(load_config("toy_vp"))
     config.training.n_iters = 4
@@ -228,6 +159,7 @@ def test_eval_and_sweep_on_a_toy_run(tmp_path):
         assert os.path.exists(os.path.join(workdir, "sweep", f"sweep.{extension}"))
 
 
+@pytest.mark.slow
 def test_eval_on_images_writes_every_metric_and_caches_the_classifier(tmp_path):
     config = shrink(load_config("vp_digits"))
     config.eval.num_samples = 40

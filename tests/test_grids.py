@@ -10,13 +10,14 @@ from diffusion.samplers.grids import CONTINUOUS_GRIDS, chain_indices, time_grid
 
 CONTINUOUS_PROCESSES = ["vp", "subvp", "ve", "cosine", "ddpm", "smld", "edm"]
 
-# Karras et al. 2022, eq. 5 with rho = 7, N = 18, sigma in [0.002, 80] (REFERENCE I-31).
+# Karras et al. 2022, eq. 5 with rho = 7, N = 18, sigma in [0.002, 80] (docs/references.md
+# #noise-levels-and-time-grids).
 EDM_GRID_18 = [
     80, 57.5860, 40.7856, 28.3746, 19.3525, 12.9101, 8.4009, 5.3152, 3.2568,
     1.9233, 1.0882, 0.5853, 0.2964, 0.1395, 0.0599, 0.0229, 0.0075, 0.002,
 ]  # fmt: skip
 
-# NCSN's 10 noise levels 1 -> 0.01 (REFERENCE I-31).
+# NCSN's 10 noise levels 1 -> 0.01 (docs/references.md #noise-levels-and-time-grids).
 NCSN_SIGMAS_10 = [1, 0.59948, 0.35938, 0.21544, 0.12915, 0.07743, 0.04642, 0.02783, 0.01668, 0.01]
 
 # Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed", Table 2:

@@ -1,9 +1,11 @@
 """Probability-flow ODE likelihoods against exact densities, Hutchinson against exact traces, NFE
 against counted network calls, bits/dim against hand-computed offsets.
 
-Truths: the oracle's exact log p_t of Gaussian-mixture data (REFERENCE I-16), scipy's Gaussian
-log-density with the closed-form moments of I-15, the affine PF-ODE map of I-15, enumeration of all
-Rademacher probes, and the I-34 bits/dim offsets. Every ODE solve is in float64.
+Truths: the oracle's exact log p_t of Gaussian-mixture data (docs/references.md
+#gaussian-mixture-data), scipy's Gaussian
+log-density with the closed-form moments and the affine PF-ODE map of Gaussian data
+(docs/references.md #gaussian-data), enumeration of all Rademacher probes, and the bits/dim offsets
+(#bits-per-dimension-of-8-bit-data). Every ODE solve is in float64.
 """
 
 import functools
@@ -34,7 +36,7 @@ def exact_prior(oracle, process):
 
 
 def gaussian_log_prob_closed_form(process, x, t, mean=GAUSS_MEAN, cov=GAUSS_COV):
-    """log N(x; alpha_t mean, alpha_t^2 cov + sigma_t^2 I) by scipy (REFERENCE I-15)."""
+    """log N(x; alpha_t mean, alpha_t^2 cov + sigma_t^2 I) by scipy (docs/references.md #gaussian-data)."""
     alpha, sigma = float(process.alpha(t)), float(process.sigma(t))
     marginal = stats.multivariate_normal(
         alpha * mean, alpha**2 * cov + sigma**2 * np.eye(len(mean))
@@ -86,7 +88,7 @@ def test_ode_log_density_equals_the_oracles_exact_log_density(preset, num_points
 
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve", "cosine", "ddpm", "edm"])
 def test_gaussian_data_matches_the_closed_form_for_every_process(name, x64):
-    """log p_t0 and the ODE's endpoint x_T against I-15's closed forms.
+    """log p_t0 and the ODE's endpoint x_T against the closed forms of Gaussian data.
 
     DDPM's continuous view has a piecewise-linear log alpha(t): its drift jumps at each of the 1000
     step times, so it is integrated in the log-SNR variable, where the drift is smooth.
@@ -106,7 +108,7 @@ def test_gaussian_data_matches_the_closed_form_for_every_process(name, x64):
     )
     error = np.abs(result.log_prob - gaussian_log_prob_closed_form(process, x, t0))
     assert error.max() / 2 < ACCURACY_PER_DIM
-    # The flow is affine for Gaussian data: x_T = alpha_T mu + gain (x - alpha_t0 mu) (I-15).
+    # The flow is affine for Gaussian data: x_T = alpha_T mu + gain (x - alpha_t0 mu).
     np.testing.assert_allclose(
         result.latent, oracle.ode_flow(process, x, t0, process.T), rtol=1e-4, atol=1e-4
     )
@@ -128,7 +130,7 @@ def test_standard_prior_mismatch_is_the_prior_kl_and_tiny(name, max_mismatch_per
     result = L.ode_log_likelihood(oracle.denoiser(process), x, **TIGHT)
     np.testing.assert_allclose(result.prior_log_prob, process.prior_logp(result.latent))
     mismatch = np.asarray(result.log_prob) - gaussian_log_prob_closed_form(process, x, t0)
-    # KL(N(m, S) || N(0, s^2 I)) in closed form (REFERENCE I-9).
+    # KL(N(m, S) || N(0, s^2 I)) in closed form (docs/references.md #gaussian-kl-divergences).
     alpha_T, sigma_T, prior_var = (
         float(process.alpha(process.T)),
         float(process.sigma(process.T)),

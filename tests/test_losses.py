@@ -1,12 +1,13 @@
-"""Denoising score matching losses against independent truths.
+"""Denoising score matching losses against independent truths (identities: docs/references.md).
 
-* Bayes optimality: at the oracle's exact denoiser the loss gradient vanishes (REFERENCE I-18, I-19,
-  I-20) for every weighting and parameterization, and not at a perturbed one.
+* Bayes optimality: at the oracle's exact denoiser the loss gradient vanishes for every weighting and
+  parameterization, and not at a perturbed one (#bayes-optimal-denoiser,
+  #denoising-score-matching-target, #explicit-and-denoising-score-matching).
 * Values: the expected loss of the exact denoiser of Gaussian data, whose eps-MSE is
-  D alpha^2 s^2 / (alpha^2 s^2 + sigma^2) (REFERENCE I-15, I-18), integrated by quadrature over the time
-  law with weights written out here from the papers, against Monte-Carlo means of the loss.
-* REFERENCE I-8: all parameterizations give the same loss for the same denoiser; 'sigma_sq' and
-  'snr' equal 'simple'.
+  D alpha^2 s^2 / (alpha^2 s^2 + sigma^2) (#gaussian-data, #bayes-optimal-denoiser), integrated by
+  quadrature over the time law with weights written out here from the papers, against Monte-Carlo
+  means of the loss.
+* #loss-conversions: all parameterizations give the same loss for the same denoiser.
 * Ho et al. (2020) Alg. 1, Song & Ermon (2019) eq. 6 and Karras et al. (2022) eq. 8 recomputed by
   hand from alphas_bar, the sigmas and the EDM preconditioning table.
 """
@@ -63,19 +64,33 @@ def oracle_network(oracle, process, parameterization):
         eps_hat = oracle.eps(process, x, t) + params["theta"] * perturbation
         x0_hat = (x - sigma * eps_hat) / alpha
         return PZ.prediction_from_eps_x0(
-            eps_hat, x0_hat, parameterization, x, alpha, sigma, SIGMA_DATA
+            eps_hat, x0_hat, parameterization, alpha, sigma, SIGMA_DATA
         )
 
     return apply_fn
 
 
+def make_loss(process, parameterization, apply_fn, *, time_input="t", sigma_data=0.5, **options):
+    """DenoisingLoss of the network ``apply_fn`` seen as a denoiser of ``process``."""
+    denoiser = PZ.Denoiser(
+        params=None,
+        apply_fn=apply_fn,
+        process=process,
+        parameterization=parameterization,
+        time_input=time_input,
+        sigma_data=sigma_data,
+    )
+    return L.DenoisingLoss(denoiser=denoiser, **options)
+
+
 def oracle_loss(oracle, process, parameterization, weighting, **options):
-    return L.DenoisingLoss(
+    return make_loss(
         process=process,
         parameterization=parameterization,
         apply_fn=oracle_network(oracle, process, parameterization),
         weighting=weighting,
         sigma_data=SIGMA_DATA,
+        time_input="quarter_log_sigma" if parameterization == "edm" else "t",  # EDM's c_noise
         **options,
     )
 
@@ -119,7 +134,8 @@ def per_example_gradients(loss_fn, theta, x0, keys):
 def test_gradient_vanishes_at_the_exact_denoiser(
     weighting, parameterization, make_process, time_sampling, x64
 ):
-    """d E[loss] / d theta = 0 at theta = 0 (the Bayes denoiser E[eps | x_t], REFERENCE I-18/I-19)
+    """d E[loss] / d theta = 0 at theta = 0 (the Bayes denoiser E[eps | x_t], docs/references.md
+    #bayes-optimal-denoiser, #denoising-score-matching-target)
     within 4 Monte-Carlo standard errors (estimated from 2048 per-example gradients), and more
     than 8 standard errors at theta = 0.5."""
     oracle = O.preset("ring8_2d")
@@ -179,7 +195,8 @@ def eps_weight_from_papers(weighting, alpha, sigma, g_sq):
 
 
 def exact_eps_mse(alpha, sigma):
-    """E ||eps - E[eps | x_t]||^2 for N(mu, s^2 I) data in DIM dimensions (REFERENCE I-15, I-18)."""
+    """E ||eps - E[eps | x_t]||^2 for N(mu, s^2 I) data in DIM dimensions (docs/references.md
+    #gaussian-data, #bayes-optimal-denoiser)."""
     return DIM * alpha**2 * DATA_STD**2 / (alpha**2 * DATA_STD**2 + sigma**2)
 
 
@@ -285,12 +302,15 @@ def test_loss_matches_quadrature(
     assert abs(losses.mean() - expected) < 4.5 * standard_error, (losses.mean(), expected)
 
 
-# ================================================================================ REFERENCE I-8
+# ================================================================================
+# docs/references.md #loss-conversions
 @pytest.mark.parametrize("process", [P.VPSDE(), P.VESDE()], ids=["vp", "ve"])
 def test_every_parameterization_gives_the_eps_loss(process, x64):
-    """REFERENCE I-8. Same denoiser (theta = 0.5), same keys: each example's loss and eps_mse from
+    """docs/references.md #loss-conversions. Same denoiser (theta = 0.5), same keys: each example's
+    loss and eps_mse from
     every parameterization's raw output equal the eps ones (rtol 1e-9), so every weighting (a
-    function of t) agrees too; 'sigma_sq' and 'snr' equal 'simple' exactly; 'sum' is D * 'mean'."""
+    function of t) agrees too; this is why lambda = sigma^2 on the score MSE ('sigma_sq') and SNR on
+    the x0 MSE ('snr') are w = 1 on the eps-MSE. 'sum' is D * 'mean'."""
     oracle = O.preset("ring8_2d")
     x0 = oracle.sample(rng(4), 2048)
     keys = jax.random.split(rng(5), 2048)
@@ -301,14 +321,10 @@ def test_every_parameterization_gives_the_eps_loss(process, x64):
 
     for weighting in ("simple", "edm"):
         eps_loss, eps_mse = losses("eps", weighting)
-        for parameterization in PZ.PARAMETERIZATIONS[1:]:
+        for parameterization in list(PZ.PARAMETERIZATIONS)[1:]:
             loss, mse = losses(parameterization, weighting)
             np.testing.assert_allclose(loss, eps_loss, rtol=1e-9, err_msg=parameterization)
             np.testing.assert_allclose(mse, eps_mse, rtol=1e-9, err_msg=parameterization)
-    simple, sigma_sq, snr = (
-        losses("eps", weighting)[0] for weighting in ("simple", "sigma_sq", "snr")
-    )
-    assert np.all(simple == sigma_sq) and np.all(simple == snr)
     summed = losses("v", "v", reduction="sum")
     meaned = losses("v", "v", reduction="mean")
     np.testing.assert_allclose(summed, 2.0 * np.asarray(meaned), rtol=1e-12)
@@ -330,7 +346,7 @@ def test_ddpm_loss_is_ho_algorithm_1(x64):
     def eps_network(params, x, step_index, **unused):  # conditioned on the 0-based step i - 1
         return params * x + 0.01 * step_index[:, None]
 
-    loss, aux = L.DenoisingLoss(
+    loss, aux = make_loss(
         process=process,
         parameterization="eps",
         apply_fn=eps_network,
@@ -360,7 +376,7 @@ def test_smld_loss_is_twice_ncsn(x64):
     def score_network(params, x, level, **unused):  # NCSN level index, 0 = largest sigma
         return -params * x / (1.0 + level[:, None])
 
-    loss, _ = L.DenoisingLoss(
+    loss, _ = make_loss(
         process=process,
         parameterization="score",
         apply_fn=score_network,
@@ -390,10 +406,11 @@ def test_edm_loss_is_karras_equation_8(x64):
     def network(params, x_in, c_noise, **unused):
         return jnp.tanh(params * x_in) * (1.0 + c_noise[:, None])
 
-    loss, _ = L.DenoisingLoss(
+    loss, _ = make_loss(
         process=P.EDM(),
         parameterization="edm",
         apply_fn=network,
+        time_input="quarter_log_sigma",
         weighting="edm",
         time_sampling="log_normal",
         reduction="sum",
@@ -470,7 +487,7 @@ def test_labels_reach_the_network_only_when_conditional(x64):
         return params * x + 0.1 * y[:, None]
 
     def make(apply_fn, **options):
-        return L.DenoisingLoss(
+        return make_loss(
             process=P.VPSDE(),
             parameterization="eps",
             apply_fn=apply_fn,
@@ -516,13 +533,13 @@ def test_bad_configurations_raise(options, message):
         "weighting": "simple",
     }
     with pytest.raises(ValueError, match=message) as error:
-        L.DenoisingLoss(**(config | options))
+        make_loss(**(config | options))
     if "weighting" in options and options["weighting"] == "elbo":
         assert "likelihood" in str(error.value)  # lists the accepted values
 
 
 def test_missing_data_or_labels_raise():
-    loss_fn = L.DenoisingLoss(
+    loss_fn = make_loss(
         process=P.VPSDE(),
         parameterization="eps",
         apply_fn=lambda params, x, t, y: x,
@@ -550,9 +567,9 @@ def test_real_network_loss_and_gradients_are_finite_under_jit(network):
         model = UNet(ch=8, ch_mult=(1,), num_res_blocks=1, attn_resolutions=(), dropout=0.5)
         x = jax.random.uniform(rng(21), (4, 8, 8, 1), minval=-1.0)
         batch = {"image": x}
-        options = {"time_sampling": "log_normal"}
+        options = {"time_sampling": "log_normal", "time_input": "quarter_log_sigma"}
         process, parameterization, weighting = P.EDM(), "edm", "edm"
-    loss_fn = L.DenoisingLoss(
+    loss_fn = make_loss(
         process=process,
         parameterization=parameterization,
         apply_fn=model.apply,

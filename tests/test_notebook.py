@@ -1,14 +1,17 @@
 """The Colab notebook runs top to bottom on the toy config (executed with nbclient)."""
 
 import os
+import tomllib
 
 import nbformat
+import pytest
 from nbclient import NotebookClient
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK = os.path.join(REPO, "experiments", "notebooks", "solver_sweep.ipynb")
 
 
+@pytest.mark.slow
 def test_solver_sweep_notebook_executes_on_the_toy_config(tmp_path):
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     parameters = next(c for c in notebook.cells if c.source.startswith("# Parameters"))
@@ -34,3 +37,13 @@ def test_solver_sweep_notebook_executes_on_the_toy_config(tmp_path):
     )
     assert "best at 10 NFE:" in outputs
     assert os.path.exists(os.path.join(tmp_path, "run", "notebook_sweep.png"))
+
+
+def test_the_notebook_installs_from_the_repository_url_of_pyproject():
+    """The URL is stated once, in pyproject.toml; the notebook's install cell must name the same."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as file:
+        url = tomllib.load(file)["project"]["urls"]["Repository"]
+    notebook = nbformat.read(NOTEBOOK, as_version=4)
+    install = notebook.cells[1].source
+    assert f'REPOSITORY = "{url}"' in install
+    assert "git+{REPOSITORY}" in install and "DIFFUSION_REPOSITORY" not in install

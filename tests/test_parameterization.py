@@ -1,4 +1,5 @@
-"""Parameterizations: round trips, the loss identities of REFERENCE I-8, EDM preconditioning, Denoiser."""
+"""Parameterizations: round trips, the loss identities of docs/references.md #loss-conversions, EDM
+preconditioning, Denoiser."""
 
 import math
 
@@ -28,23 +29,41 @@ def random_state(key, vp: bool):
 @pytest.mark.parametrize("kind", PZ.PARAMETERIZATIONS)
 def test_every_parameterization_round_trips(kind, vp, x64):
     x0, eps, alpha, sigma, x = random_state(jax.random.PRNGKey(0), vp)
-    prediction = PZ.prediction_from_eps_x0(eps, x0, kind, x, alpha, sigma, sigma_data=0.7)
+    prediction = PZ.prediction_from_eps_x0(eps, x0, kind, alpha, sigma, sigma_data=0.7)
     eps_back, x0_back = PZ.eps_x0_from_prediction(prediction, kind, x, alpha, sigma, sigma_data=0.7)
     np.testing.assert_allclose(eps_back, eps, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(x0_back, x0, rtol=1e-9, atol=1e-9)
 
 
-def test_targets_are_the_textbook_quantities(x64):
+def test_score_target_is_the_gradient_of_the_conditional_log_density(x64):
+    """Song et al. 2021, eq. 7: the score target is grad_x log N(x; alpha x0, sigma^2 I), here by
+    autodiff of the Gaussian log-density, not by a formula of the table."""
     x0, eps, alpha, sigma, x = random_state(jax.random.PRNGKey(1), vp=False)
-    target = lambda kind: PZ.prediction_from_eps_x0(eps, x0, kind, x, alpha, sigma)  # noqa: E731
-    np.testing.assert_allclose(target("score"), -eps / sigma)
-    np.testing.assert_allclose(target("v"), alpha * eps - sigma * x0)
-    np.testing.assert_allclose(target("x0"), (x - sigma * eps) / alpha, rtol=1e-9)
+
+    def log_density(x):
+        return jnp.sum(-0.5 * ((x - alpha * x0) / sigma) ** 2)
+
+    target = PZ.prediction_from_eps_x0(eps, x0, "score", alpha, sigma)
+    np.testing.assert_allclose(target, jax.grad(log_density)(x), rtol=1e-9)
+
+
+def test_v_target_is_the_velocity_of_the_angular_path(x64):
+    """Salimans & Ho 2022, Sec. 4: on a variance-preserving path x_phi = cos(phi) x0 + sin(phi) eps,
+    v = d x_phi / d phi; here by forward-mode autodiff in phi at alpha = cos phi, sigma = sin phi."""
+    x0, eps, alpha, _, _ = random_state(jax.random.PRNGKey(1), vp=True)
+    phi = jnp.arccos(alpha)
+
+    def path(phi):
+        return jnp.cos(phi) * x0 + jnp.sin(phi) * eps
+
+    _, velocity = jax.jvp(path, (phi,), (jnp.ones_like(phi),))
+    target = PZ.prediction_from_eps_x0(eps, x0, "v", jnp.cos(phi), jnp.sin(phi))
+    np.testing.assert_allclose(target, velocity, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("vp", [True, False])
 def test_loss_conversions(vp, x64):
-    """REFERENCE I-8: errors of consistent predictions in the different views."""
+    """docs/references.md #loss-conversions: errors of consistent predictions in the different views."""
     x0, eps, alpha, sigma, x = random_state(jax.random.PRNGKey(2), vp)
     x0_hat = x0 + 0.3 * jax.random.normal(jax.random.PRNGKey(3), x0.shape)
     eps_hat, _ = PZ.eps_x0_from_prediction(x0_hat, "x0", x, alpha, sigma)
@@ -52,11 +71,11 @@ def test_loss_conversions(vp, x64):
     sq = lambda a: jnp.sum(a**2, axis=-1, keepdims=True)  # noqa: E731
     np.testing.assert_allclose(sq(eps - eps_hat), snr * sq(x0 - x0_hat), rtol=1e-9)
     score, score_hat = (
-        PZ.prediction_from_eps_x0(e, x0, "score", x, alpha, sigma) for e in (eps, eps_hat)
+        PZ.prediction_from_eps_x0(e, x0, "score", alpha, sigma) for e in (eps, eps_hat)
     )
     np.testing.assert_allclose(sq(score - score_hat), sq(eps - eps_hat) / sigma**2, rtol=1e-9)
-    v = PZ.prediction_from_eps_x0(eps, x0, "v", x, alpha, sigma)
-    v_hat = PZ.prediction_from_eps_x0(eps_hat, x0_hat, "v", x, alpha, sigma)
+    v = PZ.prediction_from_eps_x0(eps, x0, "v", alpha, sigma)
+    v_hat = PZ.prediction_from_eps_x0(eps_hat, x0_hat, "v", alpha, sigma)
     factor = (alpha**2 + sigma**2) ** 2 / sigma**2
     np.testing.assert_allclose(sq(v - v_hat), factor * sq(x0 - x0_hat), rtol=1e-9)
     if vp:
@@ -78,7 +97,7 @@ def test_edm_preconditioning_table_and_unit_variance_target(x64):
     eps = jax.random.normal(key2, (200000,))
     for s in [0.01, 0.5, 10.0]:
         x = x0 + s * eps  # alpha = 1
-        target = PZ.prediction_from_eps_x0(eps, x0, "edm", x, 1.0, s, sigma_data)
+        target = PZ.prediction_from_eps_x0(eps, x0, "edm", 1.0, s, sigma_data)
         _, _, c_in_s, _ = PZ.edm_preconditioning(s, sigma_data)
         assert abs(float(jnp.std(target)) - 1) < 0.01
         assert abs(float(jnp.std(c_in_s * x)) - 1) < 0.01
@@ -126,7 +145,8 @@ def test_denoiser_views_are_consistent(kind, x64):
 
 
 def test_edm_denoiser_feeds_the_preconditioned_input(x64):
-    """With F = 0 the EDM denoiser is D = c_skip x_hat; the net sees c_in x_hat and c_noise."""
+    """With F = 0 the EDM denoiser is D = c_skip x_hat; the net sees c_in x_hat and, through the time
+    input 'quarter_log_sigma', c_noise (Karras et al. 2022, Table 1)."""
     process = P.VPSDE()
     seen = {}
 
@@ -134,7 +154,13 @@ def test_edm_denoiser_feeds_the_preconditioned_input(x64):
         seen["x_in"], seen["t_in"] = x_in, t_in
         return jnp.zeros_like(x_in)
 
-    denoiser = PZ.Denoiser(params=None, apply_fn=net, process=process, parameterization="edm")
+    denoiser = PZ.Denoiser(
+        params=None,
+        apply_fn=net,
+        process=process,
+        parameterization="edm",
+        time_input="quarter_log_sigma",
+    )
     x = jax.random.normal(jax.random.PRNGKey(6), (4, 2))
     t = jnp.array([0.2, 0.4, 0.6, 0.8])
     x0 = denoiser.x0(x, t)

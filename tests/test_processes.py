@@ -86,7 +86,8 @@ def test_drift_and_diffusion_closed_forms(x64):
     np.testing.assert_allclose(P.SubVPSDE().diffusion_sq(t), beta * (1 - jnp.exp(-2 * integral)))
     ve = P.VESDE()
     np.testing.assert_allclose(ve.diffusion_sq(t), 2 * math.log(5000.0) * ve.sigma(t) ** 2)
-    assert abs(math.sqrt(2 * math.log(50 / 0.01)) - 4.127273) < 1e-6  # REFERENCE I-14
+    # g / sigma = sqrt(2 ln(sigma_max / sigma_min)) = 4.127273 for score_sde's 0.01 -> 50.
+    np.testing.assert_allclose(ve.diffusion(t) / ve.sigma(t), 4.127273, rtol=2e-7)
     np.testing.assert_allclose(ve.drift_coef(t), 0.0)
     edm_t = jnp.array([0.01, 1.0, 40.0])
     np.testing.assert_allclose(P.EDM().diffusion_sq(edm_t), 2 * edm_t, rtol=1e-12)
@@ -187,7 +188,9 @@ def test_posterior_equals_bayes_rule_numerically(name, x64):
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "quadratic"])
 def test_ddpm_one_step_kernels_are_the_textbook_ones(schedule, x64):
-    """Ho et al. 2020 eqs. 2, 4, 6, 7, computed from the betas alone (REFERENCE I-1, I-3, I-5)."""
+    """Ho et al. 2020 eqs. 2, 4, 6, 7, computed from the betas alone (docs/references.md
+    #ddpm-marginal-from-the-chain, #posterior-of-ddpm-by-gaussian-conditioning,
+    #posterior-variance-and-the-first-step)."""
     ddpm = P.DDPM(schedule=schedule, num_steps=1000)
     betas = ddpm.betas
     alphas_bar = np.cumprod(1 - betas)
@@ -219,7 +222,8 @@ def test_ddpm_one_step_kernels_are_the_textbook_ones(schedule, x64):
     )
     beta_tilde = (1 - alphas_bar_prev) / (1 - alphas_bar) * betas
     np.testing.assert_allclose(post_std**2, beta_tilde, rtol=1e-8, atol=1e-15)
-    assert float(post_std[0]) == 0.0  # beta-tilde_1 = 0 (REFERENCE pitfall 5)
+    # beta-tilde_1 = 0 (docs/references.md #posterior-variance-and-the-first-step)
+    assert float(post_std[0]) == 0.0
     # precision form 1/beta_tilde = alpha/beta + 1/(1 - alpha_bar_prev) (Higham et al. eq. 15)
     np.testing.assert_allclose(
         1 / post_std[1:] ** 2,
@@ -232,7 +236,8 @@ def test_ddpm_one_step_kernels_are_the_textbook_ones(schedule, x64):
 
 
 def test_reference_schedule_values(x64):
-    """REFERENCE I-29, I-30 (computed in float64 there; re-derived here from the definitions)."""
+    """docs/references.md #ddpm-linear-schedule-values, #cosine-schedule-values (computed in
+    float64 there; re-derived here from the definitions)."""
     np.testing.assert_allclose(P.DDPM(num_steps=1000).alphas_bar[-1], 4.035830e-05, rtol=1e-6)
     np.testing.assert_allclose(P.DDPM(num_steps=500).alphas_bar[-1], 6.352711e-03, rtol=1e-6)
     cosine = P.DDPM(schedule="cosine", num_steps=1000)
@@ -246,12 +251,14 @@ def test_reference_schedule_values(x64):
     )
     log_snr = P.DDPM(num_steps=1000).log_snr(jnp.array([1e-3, 1.0]))
     np.testing.assert_allclose(2 * log_snr, [9.210, -10.118], atol=1e-3)
-    # The linear 1e-4 -> 0.02 schedule sums to int_0^1 beta(t) dt = 10.05 (REFERENCE I-12).
+    # The linear 1e-4 -> 0.02 schedule sums to int_0^1 beta(t) dt = 10.05 (docs/references.md
+    # #ddpm-as-a-discretised-vp-sde).
     np.testing.assert_allclose(P.DDPM(num_steps=1000).betas.sum(), 10.05, rtol=1e-12)
 
 
 def test_ddpm_converges_to_vp_sde_like_one_over_n(x64):
-    """beta_i = beta(t_i)/N: alpha_bar of the chain -> VP alpha^2 with error O(1/N) (REFERENCE I-12)."""
+    """beta_i = beta(t_i)/N: alpha_bar of the chain -> VP alpha^2 with error O(1/N)
+    (docs/references.md #ddpm-as-a-discretised-vp-sde)."""
     vp = P.VPSDE()
     t = jnp.array([0.25, 0.5, 1.0])
     sizes = np.array([250, 500, 1000, 2000, 4000])
@@ -261,7 +268,8 @@ def test_ddpm_converges_to_vp_sde_like_one_over_n(x64):
         errors.append(float(jnp.max(jnp.abs(2 * ddpm.log_alpha(t) - 2 * vp.log_alpha(t)))))
     slope = np.polyfit(np.log(sizes), np.log(errors), 1)[0]
     assert abs(slope + 1) < 0.1, (slope, errors)
-    # N = 1000 is Ho et al.'s schedule: log alpha_bar_N = -10.1178 against -10.05 (REFERENCE I-12).
+    # N = 1000 is Ho et al.'s schedule: log alpha_bar_N = -10.1178 against -10.05
+    # (docs/references.md #ddpm-as-a-discretised-vp-sde).
     ho = P.DDPM(num_steps=1000)
     np.testing.assert_allclose(2 * ho.log_alpha(1.0), -10.1178, atol=1e-4)
     np.testing.assert_allclose(2 * vp.log_alpha(1.0), -10.05, atol=1e-12)
@@ -270,7 +278,8 @@ def test_ddpm_converges_to_vp_sde_like_one_over_n(x64):
 def test_smld_levels_sit_on_the_ve_sde(x64):
     smld = P.SMLD()
     reference = [1, 0.59948, 0.35938, 0.21544, 0.12915, 0.07743, 0.04642, 0.02783, 0.01668, 0.01]
-    np.testing.assert_allclose(smld.sigmas, reference, atol=6e-6)  # REFERENCE I-31
+    # docs/references.md #noise-levels-and-time-grids
+    np.testing.assert_allclose(smld.sigmas, reference, atol=6e-6)
     ve = P.VESDE(sigma_min=0.01, sigma_max=1.0)
     np.testing.assert_allclose(ve.sigma(smld.chain_times), smld.sigmas[::-1], rtol=1e-12)
     np.testing.assert_allclose(smld.sigma(smld.chain_times), smld.sigmas[::-1], rtol=1e-12)

@@ -20,9 +20,10 @@ import pytest
 from conftest import REPO, cli_env, run_cli
 
 from diffusion.checkpoints import CheckpointManager
+from experiments import run
 from experiments.build import build
 from experiments.configs import toy_vp
-from experiments.workdir import initial_state
+from experiments.workdir import WorkdirError, check_workdir, initial_state
 
 N_ITERS = 300
 TOY = [
@@ -205,6 +206,7 @@ def test_samples_are_bitwise_reproducible_and_the_resumed_run_samples_alike(
     assert os.path.exists(path.replace(".npz", ".png"))
 
 
+@pytest.mark.slow
 def test_a_huge_learning_rate_stops_the_run_with_every_checkpoint_finite(tmp_path):
     workdir = str(tmp_path / "diverged")
     result = run_cli(
@@ -235,6 +237,31 @@ def assert_one_line_error(result, *fragments: str) -> None:
         assert fragment in result.stderr, (fragment, result.stderr)
 
 
+def test_config_mistakes_are_caught_before_flag_parsing(tmp_path):
+    """In process, what the CLI does first: an unknown key names its section's keys with a
+    did-you-mean, an unknown config its closest name, a file as workdir is refused."""
+    argv = run.resolve_config_argument(["run", "--config=toy_vp", "--config.trainin.n_iters=3"])
+    with pytest.raises(SystemExit, match="did you mean 'training'"):
+        run.check_config_overrides(argv)
+    argv = run.resolve_config_argument(["run", "--config=toy_vp", "--config.training.no_such=1"])
+    with pytest.raises(SystemExit, match=r"config\.training has no key 'no_such'.*n_iters"):
+        run.check_config_overrides(argv)
+    run.check_config_overrides(
+        run.resolve_config_argument(["run", "--config=toy_vp", "--config.training.n_iters=3"])
+    )
+    with pytest.raises(SystemExit, match="did you mean 'toy_vp'"):
+        run.resolve_config_argument(["run", "--config=toy_vpp"])
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    with pytest.raises(WorkdirError, match="is a file"):
+        check_workdir(str(a_file))
+    with pytest.raises(WorkdirError, match="cannot be created"):
+        check_workdir(str(a_file / "run"))
+    check_workdir(str(tmp_path / "new" / "run"))
+    assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("arguments", "fragments"),
     [
@@ -258,6 +285,7 @@ def test_user_errors_are_one_line_and_leave_no_workdir(tmp_path, arguments, frag
     assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_workdir_and_data_errors_name_the_workdir_and_the_remedy(tmp_path):
     a_file = tmp_path / "a_file"
     a_file.write_text("")
@@ -278,6 +306,7 @@ def test_workdir_and_data_errors_name_the_workdir_and_the_remedy(tmp_path):
         assert not workdir.exists()
 
 
+@pytest.mark.slow
 def test_resume_refuses_another_experiment_and_records_allowed_changes(tmp_path):
     workdir = str(tmp_path / "run")
     short = ["--config.training.n_iters=40"]

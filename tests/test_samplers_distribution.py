@@ -95,8 +95,8 @@ def ddpm_chain_moments(process, indices, variance, mean, covariance):
     """Exact law of Ho et al.'s ancestral chain for N(mean, covariance) data and the exact denoiser.
 
     Every step is affine-Gaussian in x, so N(m, S) maps to N(A m + b, A S A^T + v I), written here in
-    Ho et al.'s notation (eq. 7: mu-tilde = c0 x0 + ct x_t; beta-tilde; x0 = E[x0 | x_t], REFERENCE
-    I-15), from x_T ~ N(0, I) along the decreasing 0-based chain ``indices``, then x0 at the last.
+    Ho et al.'s notation (eq. 7: mu-tilde = c0 x0 + ct x_t; beta-tilde; x0 = E[x0 | x_t], docs/references.md
+    #gaussian-data), from x_T ~ N(0, I) along the decreasing 0-based chain ``indices``, then x0 at the last.
     """
     alphas_bar = process.alphas_bar
     identity = np.eye(len(mean))
@@ -161,7 +161,7 @@ def test_ancestral_on_the_ddpm_chain_reproduces_gaussian_data(variance):
 
 
 def test_ddim_with_eta_one_and_ancestral_agree_in_distribution():
-    """Different noise, same law: first two moments agree within sampling error (I-23)."""
+    """Different noise, same law: first two moments agree within sampling error (#ddim-and-dpm-solver-1)."""
     process = P.VPSDE()
     denoiser = O.preset("gaussian_2d").denoiser(process)
     num = 20000

@@ -39,7 +39,8 @@ def normal_like(key, x):
     [("vp", "uniform_log_snr"), ("subvp", "uniform_t"), ("ve", "uniform_t")],
 )
 def test_probability_flow_solvers_converge_at_their_order(process_name, grid, x64):
-    """Global error against the exact flow of Gaussian data (REFERENCE I-15) from the same x_T."""
+    """Global error against the exact flow of Gaussian data (docs/references.md #gaussian-data)
+    from the same x_T."""
     process = P.make_process(process_name)
     oracle = O.preset("gaussian_2d")
     denoiser = oracle.denoiser(process)
@@ -62,7 +63,8 @@ def test_probability_flow_solvers_converge_at_their_order(process_name, grid, x6
 @pytest.mark.parametrize("process_name", ALL_PROCESSES)
 def test_ddim_is_exact_for_a_constant_noise_prediction(process_name, x64):
     """With eps_pred = c, the probability-flow ODE solution is x_t = (alpha_t/alpha_s) x_s
-    - sigma_t (e^h - 1) c, h = lambda_t - lambda_s (REFERENCE I-25); DDIM reproduces it on any grid."""
+    - sigma_t (e^h - 1) c, h = lambda_t - lambda_s (docs/references.md
+    #exact-step-for-a-constant-prediction); DDIM reproduces it on any grid."""
     process = P.make_process(process_name)
     constant = jnp.array([0.7, -1.3])
     denoiser = Denoiser(
@@ -114,7 +116,8 @@ def test_adaptive_solver_meets_its_tolerance(process_name, x64):
     [("vp", "uniform_t"), ("ve", "uniform_log_snr"), ("ddpm", "leading"), ("edm", "karras")],
 )
 def test_ddim_with_eta_one_is_ancestral_sampling_with_the_same_noise(process_name, grid, x64):
-    """REFERENCE I-23: sigma_eta^2 = beta-tilde and mean = mu-tilde(x_t, x0_pred)."""
+    """docs/references.md #ddim-and-dpm-solver-1: sigma_eta^2 = beta-tilde and mean = mu-tilde(x_t,
+    x0_pred)."""
     process = P.make_process(process_name)
     denoiser = O.preset("gaussian_2d").denoiser(process)
     x_init = process.prior_sample(jax.random.PRNGKey(6), (16, 2))
@@ -130,7 +133,8 @@ def test_ddim_with_eta_one_is_ancestral_sampling_with_the_same_noise(process_nam
 
 @pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
 def test_ancestral_on_the_ddpm_chain_is_ho_et_al_algorithm_2(variance, x64):
-    """Replays Ho et al. 2020, Alg. 2 in its eps form with the same noise draws (REFERENCE I-4, I-11):
+    """Replays Ho et al. 2020, Alg. 2 in its eps form with the same noise draws (docs/references.md
+    #posterior-mean-in-eps-form, #reverse-diffusion-predictor):
     x_{t-1} = (x_t - beta_t / sqrt(1 - abar_t) eps) / sqrt(alpha_t) + sigma_t z, z = 0 at t = 1."""
     process = P.DDPM(num_steps=1000)
     oracle = O.preset("gaussian_2d")
@@ -169,7 +173,8 @@ def test_ancestral_on_the_ddpm_chain_is_ho_et_al_algorithm_2(variance, x64):
 
 
 def test_reverse_diffusion_and_ancestral_steps_agree_to_second_order(x64):
-    """REFERENCE I-11: (2 - sqrt(1 - beta)) x + beta score vs (x + beta score) / sqrt(1 - beta) differ
+    """docs/references.md #reverse-diffusion-predictor: (2 - sqrt(1 - beta)) x + beta score vs (x +
+    beta score) / sqrt(1 - beta) differ
     by O(beta^2); on VE (scale = 1) the two steps coincide."""
     key = jax.random.PRNGKey(11)
     oracle = O.preset("gaussian_2d")
@@ -279,7 +284,8 @@ def gaussian_score_denoiser(process, variance):
 def test_predictor_steps_match_their_published_forms(x64):
     """VP Euler-Maruyama with f = -beta(t)/2, g^2 = beta(t) (Song et al. 2021, eq. 32); reverse
     diffusion on DDPM's consecutive chain times: (2 - sqrt(1 - beta_i)) x + beta_i score + sqrt(beta_i) z
-    (REFERENCE I-11); on VE: x + (sigma_t^2 - sigma_s^2) score + sqrt(sigma_t^2 - sigma_s^2) z."""
+    (docs/references.md #reverse-diffusion-predictor); on VE: x + (sigma_t^2 - sigma_s^2) score +
+    sqrt(sigma_t^2 - sigma_s^2) z."""
     key = jax.random.PRNGKey(21)
     x = jax.random.normal(jax.random.PRNGKey(22), (6, 3), jnp.float64)
     z = normal_like(key, x)
@@ -341,7 +347,8 @@ def test_corrector_steps_match_score_sde(x64):
 # ================================================================================ Langevin
 def test_annealed_langevin_step_sizes_are_ncsn_s(x64):
     """With a zero score, x_final - x_init = sum_i sqrt(a_i) z_i: its variance is sum_i a_i with
-    a_i = 2e-5 sigma_i^2 / sigma_L^2 over NCSN's 10 levels (REFERENCE I-31: 0.2, 0.071876, ..., 2e-5)."""
+    a_i = 2e-5 sigma_i^2 / sigma_L^2 over NCSN's 10 levels (docs/references.md
+    #noise-levels-and-time-grids: 0.2, 0.071876, ..., 2e-5)."""
     process = P.SMLD(num_levels=10)
     ncsn_sigmas = np.array(
         [1, 0.59948, 0.35938, 0.21544, 0.12915, 0.07743, 0.04642, 0.02783, 0.01668, 0.01]
@@ -370,7 +377,8 @@ def test_annealed_langevin_step_sizes_are_ncsn_s(x64):
 
 def test_annealed_langevin_reaches_the_ula_stationary_law(x64):
     """ULA x' = x + a/2 score + sqrt(a) z on N(0, v) is stationary at N(0, v / (1 - a / (4 v)))
-    (REFERENCE I-22, NCSN convention): with a = v / 2 the variance is 8 v / 7, not v."""
+    (docs/references.md #langevin-stationary-variance, NCSN convention): with a = v / 2 the
+    variance is 8 v / 7, not v."""
     process = P.VESDE()
     variance = 0.3
     x_init = jax.random.normal(jax.random.PRNGKey(26), (20000, 1), jnp.float64)

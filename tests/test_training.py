@@ -135,10 +135,6 @@ def host_leaves(state):
 DEVICE_CONFIGS = (("jit", 1), ("jit", 4), ("shard_map", 4))
 
 
-def test_simulated_devices():
-    assert len(jax.devices()) == 4
-
-
 def test_jit_sharded_shard_map_and_single_device_agree_after_20_steps():
     """Same global batches, 20 steps: the three paths give the same params and EMA (float32)."""
     state = cached_setup(batch_noise_loss)[1]

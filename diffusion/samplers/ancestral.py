@@ -8,7 +8,7 @@ process's two-time kernels, so the same code runs VP, VE, DDPM, SMLD, EDM, ...:
   with the full grid and the final denoising step it is exactly Ho et al.'s Algorithm 2;
 * 'ddim' is the generalised non-Markovian step of Song, Meng & Ermon 2021 (eq. 12) with
   sigma_eta = eta * posterior std (eq. 16): eta = 0 is the deterministic DDIM, eta = 1 the ancestral
-  'beta_tilde' step (REFERENCE I-23).
+  'beta_tilde' step (docs/references.md, "DDIM and DPM-Solver-1").
 """
 
 from __future__ import annotations
@@ -16,13 +16,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 from jax import Array
 
-from diffusion.parameterization import Denoiser
+from diffusion.parameterization import Denoiser, ReverseKernelDenoiser
 from diffusion.samplers.base import (
     SampleResult,
-    SamplerSpec,
     constant_nfe,
-    keyword_defaults,
     num_steps_of,
+    one_evaluation_per_step,
     register_sampler,
     require_choice,
     require_real,
@@ -32,7 +31,7 @@ from diffusion.samplers.base import (
 
 __all__ = ["VARIANCES", "ancestral", "ancestral_step", "ddim", "ddim_step"]
 
-VARIANCES = ("beta_tilde", "beta")
+VARIANCES = ("beta_tilde", "beta", "model")
 
 
 def ancestral_step(
@@ -43,6 +42,13 @@ def ancestral_step(
     mu = coef_x0 x0_pred + coef_xt x_t is the mean of q(x_s | x_t, x_0) (Ho et al. eq. 7, Kingma et
     al. 2021 eq. 4) and std = ``process.ancestral_std(s, t, variance)``. One network evaluation.
     """
+    if variance == "model":
+        if not isinstance(denoiser, ReverseKernelDenoiser):
+            raise ValueError(
+                "variance='model' needs a denoiser with its own reverse kernel (a "
+                f"diffusion.variational.ReverseModel), got {type(denoiser).__name__}"
+            )
+        return denoiser.reverse_step(x, t, s, key)
     process = denoiser.process
     _, x0_pred = denoiser.predict(x, t)
     coef_x0, coef_xt, _ = process.posterior(s, t)
@@ -50,6 +56,16 @@ def ancestral_step(
     return coef_x0 * x0_pred + coef_xt * x + std * standard_normal(key, x)
 
 
+def _validate_ancestral(*, variance: str) -> None:
+    require_choice("variance", variance, VARIANCES)
+
+
+@register_sampler(
+    nfe=one_evaluation_per_step,
+    deterministic=False,
+    reference="Ho et al. 2020, Algorithm 2 (posterior q(x_s | x_t, x0_pred), any process)",
+    validate=_validate_ancestral,
+)
 def ancestral(
     denoiser: Denoiser,
     key: Array,
@@ -60,10 +76,12 @@ def ancestral(
 ) -> SampleResult:
     """Ancestral sampling down ``times`` (Ho et al. 2020, Algorithm 2), generalised to any process.
 
-    ``variance``: 'beta_tilde' (posterior variance, Ho et al.'s sigma_t^2 = beta-tilde_t) or 'beta'
-    (sigma_t^2 = beta_t). NFE = num_steps. With the DDPM process, ``time_grid(ddpm, 'linspace', N - 1)``
-    and ``denoise_final=True`` this is Algorithm 2 with its N evaluations (its last step, z = 0 at
-    t = 1, is the posterior mean to t = 0, i.e. the x0 prediction).
+    ``variance``: 'beta_tilde' (posterior variance, Ho et al.'s sigma_t^2 = beta-tilde_t), 'beta'
+    (sigma_t^2 = beta_t), or 'model': the denoiser's own kernel (a learned or analytic variance,
+    Nichol & Dhariwal 2021, Bao et al. 2022; ``ReverseKernelDenoiser``). NFE = num_steps. With the
+    DDPM process, ``time_grid(ddpm, 'linspace', N - 1)`` and ``denoise_final=True`` this is
+    Algorithm 2 with its N evaluations (its last step, z = 0 at t = 1, is the posterior mean to
+    t = 0, i.e. the x0 prediction).
     """
 
     def step(x, t, s, step_key):
@@ -92,12 +110,23 @@ def ddim_step(denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array, eta:
     return x_s + noise_std * standard_normal(key, x)
 
 
+def _validate_ddim(*, eta: float) -> None:
+    require_real("eta", eta, low=0.0, high=1.0)
+
+
+@register_sampler(
+    nfe=one_evaluation_per_step,
+    deterministic=True,
+    reference="Song, Meng & Ermon 2021, eqs. 12 and 16",
+    validate=_validate_ddim,
+    deterministic_if=lambda *, eta: eta == 0.0,
+)
 def ddim(
     denoiser: Denoiser, key: Array, x_init: Array, times: Array, *, eta: float = 0.0
 ) -> SampleResult:
     """DDIM sampling down ``times`` (Song, Meng & Ermon 2021, eqs. 12 and 16), NFE = num_steps.
 
-    ``eta`` in [0, 1]: 0 is deterministic DDIM (= DPM-Solver-1, REFERENCE I-23), 1 is ancestral
+    ``eta`` in [0, 1]: 0 is deterministic DDIM (= DPM-Solver-1, Lu et al. 2022, Sec. 4.1), 1 is ancestral
     sampling with the posterior variance (same noise draws as 'ancestral' for the same key).
     """
 
@@ -106,40 +135,3 @@ def ddim(
 
     samples = scan_time_grid(step, x_init, times, key)
     return SampleResult(samples=samples, nfe=constant_nfe(num_steps_of(times)))
-
-
-def _validate_ancestral(*, variance: str) -> None:
-    require_choice("variance", variance, VARIANCES)
-
-
-def _validate_ddim(*, eta: float) -> None:
-    require_real("eta", eta, low=0.0, high=1.0)
-
-
-def _one_evaluation_per_step(num_steps: int, **_) -> int:
-    return num_steps
-
-
-register_sampler(
-    SamplerSpec(
-        name="ancestral",
-        fn=ancestral,
-        nfe=_one_evaluation_per_step,
-        deterministic=False,
-        defaults=keyword_defaults(ancestral),
-        reference="Ho et al. 2020, Algorithm 2 (posterior q(x_s | x_t, x0_pred), any process)",
-        validate=_validate_ancestral,
-    )
-)
-register_sampler(
-    SamplerSpec(
-        name="ddim",
-        fn=ddim,
-        nfe=_one_evaluation_per_step,
-        deterministic=True,
-        defaults=keyword_defaults(ddim),
-        reference="Song, Meng & Ermon 2021, eqs. 12 and 16",
-        validate=_validate_ddim,
-        deterministic_if=lambda *, eta: eta == 0.0,
-    )
-)

@@ -35,17 +35,20 @@ from jax import Array
 __all__ = [
     "SAMPLERS",
     "SampleResult",
+    "SamplerFn",
     "SamplerSpec",
     "constant_nfe",
     "get_sampler",
     "keyword_defaults",
     "num_steps_of",
+    "one_evaluation_per_step",
     "register_sampler",
     "require_choice",
     "require_int",
     "require_real",
     "scan_time_grid",
     "standard_normal",
+    "two_evaluations_per_step",
 ]
 
 
@@ -129,12 +132,54 @@ class SamplerSpec:
 SAMPLERS: dict[str, SamplerSpec] = {}
 
 
-def register_sampler(spec: SamplerSpec) -> SamplerSpec:
-    """Add ``spec`` to the registry (names are unique)."""
-    if spec.name in SAMPLERS:
-        raise ValueError(f"a sampler named {spec.name!r} is already registered")
-    SAMPLERS[spec.name] = spec
-    return spec
+def register_sampler(
+    *,
+    nfe: Callable[..., int | None],
+    deterministic: bool,
+    reference: str,
+    validate: Callable[..., None] | None = None,
+    deterministic_if: Callable[..., bool] | None = None,
+    plan: Callable[..., tuple[int, dict[str, Any]]] | None = None,
+) -> Callable[[SamplerFn], SamplerFn]:
+    """Decorator: register a sampler function under its own name.
+
+    Its keyword-only parameters are its options and their defaults the registry's defaults
+    (``keyword_defaults``); the other fields are those of ``SamplerSpec``. Names are unique.
+    """
+
+    def decorator(fn: SamplerFn) -> SamplerFn:
+        if fn.__name__ in SAMPLERS:
+            raise ValueError(f"a sampler named {fn.__name__!r} is already registered")
+
+        def exact_nfe(num_steps: int, **options: Any) -> int | None:
+            # The count takes every option, defaults filled in and validated.
+            require_int("num_steps", num_steps)
+            return nfe(num_steps, **SAMPLERS[fn.__name__].check_options(options))
+
+        SAMPLERS[fn.__name__] = SamplerSpec(
+            name=fn.__name__,
+            fn=fn,
+            nfe=exact_nfe,
+            deterministic=deterministic,
+            defaults=keyword_defaults(fn),
+            reference=reference,
+            plan=plan,
+            validate=validate,
+            deterministic_if=deterministic_if,
+        )
+        return fn
+
+    return decorator
+
+
+def one_evaluation_per_step(num_steps: int, **_) -> int:
+    """NFE of a sampler that evaluates the network once per grid step."""
+    return num_steps
+
+
+def two_evaluations_per_step(num_steps: int, **_) -> int:
+    """NFE of a sampler that evaluates the network twice per grid step (Heun-type)."""
+    return 2 * num_steps
 
 
 def get_sampler(name: str) -> SamplerSpec:

@@ -52,13 +52,15 @@ from diffusion.parameterization import Denoiser
 from diffusion.processes import Process
 from diffusion.samplers.base import (
     SampleResult,
-    SamplerSpec,
+    SamplerFn,
     constant_nfe,
     get_sampler,
-    keyword_defaults,
+    num_steps_of,
+    one_evaluation_per_step,
     register_sampler,
     require_int,
     require_real,
+    two_evaluations_per_step,
 )
 from diffusion.shapes import expand_to
 
@@ -98,7 +100,7 @@ def _check_bool(option: str, value: Any) -> None:
 def _validate(**options: Any) -> None:
     """ValueError for a bad option value of any DPM-Solver sampler (every option, defaults filled in).
 
-    Grid-dependent checks (orders per step, num_steps >= order) are in ``_step_orders``.
+    The grid-dependent check (one order per step) is in ``_fast_step_orders``.
     """
     if "order" in options:
         _check_order("order", options["order"])
@@ -118,17 +120,6 @@ def _validate(**options: Any) -> None:
         require_real(
             "thresholding_max_value", options["thresholding_max_value"], low=0.0, low_open=True
         )
-
-
-def _grid_num_steps(name: str, times: ArrayLike) -> int:
-    """The number of steps of a time grid, which must be a 1-D array of at least two times."""
-    shape = jnp.shape(times)
-    if len(shape) != 1 or shape[0] < 2:
-        raise ValueError(
-            f"sampler {name!r}: times must be a decreasing 1-D grid of num_steps + 1 >= 2 times, "
-            f"got shape {shape}"
-        )
-    return shape[0] - 1
 
 
 # ================================================================================ order schedules
@@ -221,8 +212,9 @@ def _exponential_step(
     """x at ``end`` from x at ``start`` given Taylor terms (n, D_n), D_n ~ h^n d^n m / dlambda^n.
 
     noise prediction: x_t = (alpha_t/alpha_s) x_s - sigma_t sum_n h phi_{n+1}(h) D_n
-    (Lu et al. 2022, eq. 3.6); data prediction: x_t = (sigma_t/sigma_s) x_s - alpha_t sum_n
-    h phi_{n+1}(-h) D_n (Lu et al. 2022b, eq. 9), with h = lambda_t - lambda_s.
+    (Lu et al. 2022, eq. 3.6); data prediction: x_t = (sigma_t/sigma_s) x_s + alpha_t sum_n
+    h phi_{n+1}(-h) D_n (Lu et al. 2022b, eq. 9), with h = lambda_t - lambda_s. In terms of
+    ``_phi(s, n)`` = s phi_{n+1}(s) both are ``scale x - weight sum_n _phi(+-h, n) D_n``.
     """
     h = end.log_snr - start.log_snr
     if prediction == "eps":
@@ -418,64 +410,49 @@ def _multistep_sample(
 
 
 # ================================================================================ the six solvers
-class _Solver(NamedTuple):
-    """How a registered sampler runs: singlestep or multistep, eps or x0 form, options it fixes."""
-
-    multistep: bool
-    prediction: str
-    fixed: dict[str, Any]
-
-
-_SOLVERS: dict[str, _Solver] = {
-    "dpm_solver": _Solver(multistep=False, prediction="eps", fixed={}),
-    "dpm_solver_fast": _Solver(multistep=False, prediction="eps", fixed={}),
-    "dpm_solver_multistep": _Solver(multistep=True, prediction="eps", fixed={}),
-    "dpm_solver_pp_2s": _Solver(multistep=False, prediction="x0", fixed={"order": 2}),
-    "dpm_solver_pp_2m": _Solver(multistep=True, prediction="x0", fixed={"order": 2}),
-    "dpm_solver_pp_3m": _Solver(multistep=True, prediction="x0", fixed={"order": 3}),
-}
+def _thresholder(
+    thresholding: bool, ratio: float, max_value: float
+) -> Callable[[Array], Array] | None:
+    """``dynamic_threshold`` with these settings, or None when thresholding is off."""
+    if not thresholding:
+        return None
+    return functools.partial(dynamic_threshold, ratio=ratio, max_value=max_value)
 
 
-def _step_orders(name: str, num_steps: int, options: dict[str, Any]) -> tuple[int, ...]:
-    """Per-step orders of sampler ``name`` on ``num_steps`` steps (options complete and validated)."""
-    solver = _SOLVERS[name]
-    options = {**options, **solver.fixed}
-    if solver.multistep:
-        order = options["order"]
-        if num_steps < order:
-            raise ValueError(
-                f"sampler {name!r}: a multistep solver of order {order} needs num_steps (= NFE) "
-                f">= {order}, got {num_steps}"
-            )
-        return multistep_orders(num_steps, int(order), bool(options["lower_order_final"]))
-    if "orders" not in options:
-        return (int(options["order"]),) * num_steps
-    if options["orders"] is None:
+def _fast_step_orders(num_steps: int, orders: Sequence[int] | None) -> tuple[int, ...]:
+    """DPM-Solver-fast's per-step orders: ``orders`` (one per step) or (3, ..., 3, 1)."""
+    if orders is None:
         return _default_fast_orders(num_steps)
-    orders = tuple(int(order) for order in options["orders"])
+    orders = tuple(int(order) for order in orders)
     if len(orders) != num_steps:
         raise ValueError(
-            f"sampler {name!r}: orders={orders} has {len(orders)} entries but the grid has "
-            f"{num_steps} steps; give one order per step"
+            f"sampler 'dpm_solver_fast': orders={orders} has {len(orders)} entries but the grid "
+            f"has {num_steps} steps; give one order per step"
         )
     return orders
 
 
-def _run(
-    name: str, denoiser: Denoiser, x_init: ArrayLike, times: ArrayLike, options: dict[str, Any]
-) -> SampleResult:
-    """Validate the options (also against the grid), then run the solver's single lax.scan."""
-    options = get_sampler(name).check_options(options)
-    orders = _step_orders(name, _grid_num_steps(name, times), options)
-    solver = _SOLVERS[name]
-    threshold = None
-    if options.get("thresholding", False):
-        ratio, max_value = options["thresholding_ratio"], options["thresholding_max_value"]
-        threshold = functools.partial(dynamic_threshold, ratio=ratio, max_value=max_value)
-    run = _multistep_sample if solver.multistep else _singlestep_sample
-    return run(denoiser, x_init, times, orders, solver.prediction, threshold)
+def _plan_fast(nfe: int, **options) -> tuple[int, dict[str, Any]]:
+    """DPM-Solver-fast for exactly ``nfe`` evaluations: the paper's schedule unless orders are given."""
+    require_int("nfe", nfe)
+    options = get_sampler("dpm_solver_fast").check_options(options)
+    if options["orders"] is None:
+        options["orders"] = fast_orders(nfe)
+    if sum(options["orders"]) != nfe:
+        raise ValueError(
+            f"sampler 'dpm_solver_fast': orders={options['orders']} spend "
+            f"{sum(options['orders'])} evaluations, not nfe={nfe}"
+        )
+    return len(options["orders"]), options
 
 
+@register_sampler(
+    nfe=lambda num_steps, *, order, **_: order * num_steps,
+    deterministic=True,
+    reference="Lu et al. 2022, DPM-Solver: eq. 3.7 (order 1 = DDIM), Alg. 1 (order 2), Alg. 2 "
+    "(order 3)",
+    validate=_validate,
+)
 def dpm_solver(
     denoiser: Denoiser, key: Array, x_init: ArrayLike, times: ArrayLike, *, order: int = 3
 ) -> SampleResult:
@@ -486,9 +463,17 @@ def dpm_solver(
     ``key`` is unused.
     """
     del key
-    return _run("dpm_solver", denoiser, x_init, times, {"order": order})
+    orders = (order,) * num_steps_of(jnp.asarray(times))
+    return _singlestep_sample(denoiser, x_init, times, orders, "eps")
 
 
+@register_sampler(
+    nfe=lambda num_steps, *, orders, **_: sum(_fast_step_orders(num_steps, orders)),
+    deterministic=True,
+    reference="Lu et al. 2022, DPM-Solver: DPM-Solver-fast, Sec. 3.4 and App. D.1",
+    validate=_validate,
+    plan=_plan_fast,
+)
 def dpm_solver_fast(
     denoiser: Denoiser,
     key: Array,
@@ -505,9 +490,16 @@ def dpm_solver_fast(
     unused.
     """
     del key
-    return _run("dpm_solver_fast", denoiser, x_init, times, {"orders": orders})
+    step_orders = _fast_step_orders(num_steps_of(jnp.asarray(times)), orders)
+    return _singlestep_sample(denoiser, x_init, times, step_orders, "eps")
 
 
+@register_sampler(
+    nfe=one_evaluation_per_step,
+    deterministic=True,
+    reference="Lu et al. 2022b, DPM-Solver++: multistep DPM-Solver in noise prediction, App. B",
+    validate=_validate,
+)
 def dpm_solver_multistep(
     denoiser: Denoiser,
     key: Array,
@@ -522,10 +514,17 @@ def dpm_solver_multistep(
     See ``multistep_orders`` for the warm-up and final orders. Deterministic: ``key`` is unused.
     """
     del key
-    options = {"order": order, "lower_order_final": lower_order_final}
-    return _run("dpm_solver_multistep", denoiser, x_init, times, options)
+    orders = multistep_orders(num_steps_of(jnp.asarray(times)), order, lower_order_final)
+    return _multistep_sample(denoiser, x_init, times, orders, "eps")
 
 
+@register_sampler(
+    nfe=two_evaluations_per_step,
+    deterministic=True,
+    reference="Lu et al. 2022b, DPM-Solver++: Alg. 1 (2S); dynamic thresholding of Saharia et al. "
+    "2022",
+    validate=_validate,
+)
 def dpm_solver_pp_2s(
     denoiser: Denoiser,
     key: Array,
@@ -543,133 +542,50 @@ def dpm_solver_pp_2s(
     thresholding_max_value]. Deterministic: ``key`` is unused.
     """
     del key
-    options = {
-        "thresholding": thresholding,
-        "thresholding_ratio": thresholding_ratio,
-        "thresholding_max_value": thresholding_max_value,
-    }
-    return _run("dpm_solver_pp_2s", denoiser, x_init, times, options)
+    threshold = _thresholder(thresholding, thresholding_ratio, thresholding_max_value)
+    orders = (2,) * num_steps_of(jnp.asarray(times))
+    return _singlestep_sample(denoiser, x_init, times, orders, "x0", threshold)
 
 
-def dpm_solver_pp_2m(
-    denoiser: Denoiser,
-    key: Array,
-    x_init: ArrayLike,
-    times: ArrayLike,
-    *,
-    lower_order_final: bool = True,
-    thresholding: bool = False,
-    thresholding_ratio: float = 0.995,
-    thresholding_max_value: float = 1.0,
-) -> SampleResult:
-    """DPM-Solver++(2M) (Lu et al. 2022b, Alg. 2): multistep second order in data prediction.
+def _dpm_solver_pp_multistep(order: int) -> SamplerFn:
+    """DPM-Solver++(``order``M): multistep in data prediction (Lu et al. 2022b, Alg. 2; App. B)."""
 
-    NFE = num_steps. Thresholding as in ``dpm_solver_pp_2s``. Deterministic: ``key`` is unused.
-    """
-    del key
-    options = {
-        "lower_order_final": lower_order_final,
-        "thresholding": thresholding,
-        "thresholding_ratio": thresholding_ratio,
-        "thresholding_max_value": thresholding_max_value,
-    }
-    return _run("dpm_solver_pp_2m", denoiser, x_init, times, options)
+    def sampler(
+        denoiser: Denoiser,
+        key: Array,
+        x_init: ArrayLike,
+        times: ArrayLike,
+        *,
+        lower_order_final: bool = True,
+        thresholding: bool = False,
+        thresholding_ratio: float = 0.995,
+        thresholding_max_value: float = 1.0,
+    ) -> SampleResult:
+        del key
+        threshold = _thresholder(thresholding, thresholding_ratio, thresholding_max_value)
+        orders = multistep_orders(num_steps_of(jnp.asarray(times)), order, lower_order_final)
+        return _multistep_sample(denoiser, x_init, times, orders, "x0", threshold)
 
-
-def dpm_solver_pp_3m(
-    denoiser: Denoiser,
-    key: Array,
-    x_init: ArrayLike,
-    times: ArrayLike,
-    *,
-    lower_order_final: bool = True,
-    thresholding: bool = False,
-    thresholding_ratio: float = 0.995,
-    thresholding_max_value: float = 1.0,
-) -> SampleResult:
-    """DPM-Solver++(3M) (Lu et al. 2022b, App. B): multistep third order in data prediction.
-
-    NFE = num_steps. Thresholding as in ``dpm_solver_pp_2s``. Deterministic: ``key`` is unused.
-    """
-    del key
-    options = {
-        "lower_order_final": lower_order_final,
-        "thresholding": thresholding,
-        "thresholding_ratio": thresholding_ratio,
-        "thresholding_max_value": thresholding_max_value,
-    }
-    return _run("dpm_solver_pp_3m", denoiser, x_init, times, options)
-
-
-# ================================================================================ registry
-def _nfe(name: str, num_steps: int, **options) -> int:
-    """Exact NFE of sampler ``name`` on ``num_steps`` steps (ValueError for bad options)."""
-    require_int("num_steps", num_steps)
-    options = get_sampler(name).check_options(options)
-    orders = _step_orders(name, int(num_steps), options)
-    # Multistep: one evaluation per step; singlestep: ``order`` evaluations per step.
-    return len(orders) if _SOLVERS[name].multistep else sum(orders)
-
-
-def _plan(name: str, nfe: int, **options) -> tuple[int, dict[str, Any]]:
-    """(num_steps, complete options) that spend exactly ``nfe`` evaluations, or ValueError."""
-    require_int("nfe", nfe)
-    options = get_sampler(name).check_options(options)
-    solver = _SOLVERS[name]
-    if solver.multistep:
-        num_steps = int(nfe)
-    elif "orders" in options:  # DPM-Solver-fast: the paper's schedule unless orders are given
-        if options["orders"] is None:
-            options["orders"] = fast_orders(nfe)
-        num_steps = len(options["orders"])
-    else:
-        order = {**options, **solver.fixed}["order"]
-        if nfe % order:
-            raise ValueError(
-                f"sampler {name!r}: nfe={nfe} is not a multiple of the order {order}: use nfe in "
-                f"{{{order}, {2 * order}, ...}} or 'dpm_solver_fast'"
-            )
-        num_steps = nfe // order
-    if _nfe(name, num_steps, **options) != nfe:
-        raise ValueError(f"sampler {name!r} cannot spend exactly nfe={nfe} with options {options}")
-    return num_steps, options
-
-
-def _register(fn: Callable[..., SampleResult], reference: str) -> SamplerSpec:
-    """Register ``fn`` under its own name with its exact NFE count and exact-NFE planner."""
-    name = fn.__name__
-    return register_sampler(
-        SamplerSpec(
-            name=name,
-            fn=fn,
-            nfe=functools.partial(_nfe, name),
-            deterministic=True,
-            defaults=keyword_defaults(fn),
-            reference=reference,
-            plan=functools.partial(_plan, name),
-            validate=_validate,
-        )
+    sampler.__name__ = f"dpm_solver_pp_{order}m"
+    sampler.__doc__ = (
+        f"DPM-Solver++({order}M) (Lu et al. 2022b, {'Alg. 2' if order == 2 else 'App. B'}): "
+        "multistep in data prediction, NFE = num_steps. Thresholding as in ``dpm_solver_pp_2s``; "
+        "see ``multistep_orders`` for the warm-up and final orders. Deterministic: ``key`` is unused."
     )
+    return sampler
 
 
-_register(
-    dpm_solver,
-    "Lu et al. 2022, DPM-Solver: eq. 3.7 (order 1 = DDIM), Alg. 1 (order 2), Alg. 2 (order 3)",
-)
-_register(dpm_solver_fast, "Lu et al. 2022, DPM-Solver: DPM-Solver-fast, Sec. 3.4 and App. D.1")
-_register(
-    dpm_solver_multistep,
-    "Lu et al. 2022b, DPM-Solver++: multistep DPM-Solver in noise prediction, App. B",
-)
-_register(
-    dpm_solver_pp_2s,
-    "Lu et al. 2022b, DPM-Solver++: Alg. 1 (2S); dynamic thresholding of Saharia et al. 2022",
-)
-_register(
-    dpm_solver_pp_2m,
-    "Lu et al. 2022b, DPM-Solver++: Alg. 2 (2M); dynamic thresholding of Saharia et al. 2022",
-)
-_register(
-    dpm_solver_pp_3m,
-    "Lu et al. 2022b, DPM-Solver++: multistep third order (3M), App. B; Saharia et al. 2022",
-)
+dpm_solver_pp_2m = register_sampler(
+    nfe=one_evaluation_per_step,
+    deterministic=True,
+    reference="Lu et al. 2022b, DPM-Solver++: Alg. 2 (2M); dynamic thresholding of Saharia et al. "
+    "2022",
+    validate=_validate,
+)(_dpm_solver_pp_multistep(2))
+dpm_solver_pp_3m = register_sampler(
+    nfe=one_evaluation_per_step,
+    deterministic=True,
+    reference="Lu et al. 2022b, DPM-Solver++: multistep third order (3M), App. B; Saharia et al. "
+    "2022",
+    validate=_validate,
+)(_dpm_solver_pp_multistep(3))

@@ -76,7 +76,7 @@ def time_grid(
     if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if kind in INDEX_GRIDS:
-        if not hasattr(process, "chain_times"):
+        if not process.is_discrete:
             raise ValueError(
                 f"the index grid {kind!r} needs a discrete chain (DDPM or SMLD); "
                 f"{type(process).__name__} has none: use one of {', '.join(CONTINUOUS_GRIDS)}"

@@ -25,16 +25,16 @@ from diffusion.flow import ADAPTIVE_SOLVERS, TIME_VARIABLES, probability_flow, s
 from diffusion.parameterization import Denoiser
 from diffusion.samplers.base import (
     SampleResult,
-    SamplerSpec,
     constant_nfe,
-    keyword_defaults,
     num_steps_of,
+    one_evaluation_per_step,
     register_sampler,
     require_choice,
     require_int,
     require_real,
     scan_time_grid,
     standard_normal,
+    two_evaluations_per_step,
 )
 
 __all__ = [
@@ -63,6 +63,11 @@ def heun_step(denoiser: Denoiser, x: Array, t: Array, s: Array) -> Array:
     return x + (s - t) * 0.5 * (slope + slope_end)
 
 
+@register_sampler(
+    nfe=one_evaluation_per_step,
+    deterministic=True,
+    reference="Song et al. 2021, eq. 13 (probability-flow ODE), Euler's method",
+)
 def euler(denoiser: Denoiser, key: Array, x_init: Array, times: Array) -> SampleResult:
     """Euler's method on the probability-flow ODE down ``times`` (Song et al. 2021, eq. 13).
 
@@ -76,6 +81,11 @@ def euler(denoiser: Denoiser, key: Array, x_init: Array, times: Array) -> Sample
     return SampleResult(samples=samples, nfe=constant_nfe(num_steps_of(times)))
 
 
+@register_sampler(
+    nfe=two_evaluations_per_step,
+    deterministic=True,
+    reference="Karras et al. 2022, Algorithm 1 (Heun) on the probability-flow ODE",
+)
 def heun(denoiser: Denoiser, key: Array, x_init: Array, times: Array) -> SampleResult:
     """Heun's method on the probability-flow ODE down ``times`` (Karras et al. 2022, Algorithm 1).
 
@@ -88,10 +98,26 @@ def heun(denoiser: Denoiser, key: Array, x_init: Array, times: Array) -> SampleR
 
     samples = scan_time_grid(step, x_init, times, key)
     return SampleResult(
-        samples=samples, nfe=constant_nfe(_two_evaluations_per_step(num_steps_of(times)))
+        samples=samples, nfe=constant_nfe(two_evaluations_per_step(num_steps_of(times)))
     )
 
 
+def _validate_edm_stochastic(
+    *, S_churn: float, S_tmin: float, S_tmax: float, S_noise: float
+) -> None:
+    require_real("S_churn", S_churn, low=0.0)
+    require_real("S_tmin", S_tmin, low=0.0)
+    require_real("S_tmax", S_tmax, low=S_tmin, allow_inf=True)
+    require_real("S_noise", S_noise, low=0.0)
+
+
+@register_sampler(
+    nfe=two_evaluations_per_step,
+    deterministic=False,
+    reference="Karras et al. 2022, Algorithm 2 (stochastic sampler)",
+    validate=_validate_edm_stochastic,
+    deterministic_if=lambda *, S_churn, S_noise, **_: S_churn == 0.0 or S_noise == 0.0,
+)
 def edm_stochastic(
     denoiser: Denoiser,
     key: Array,
@@ -134,11 +160,26 @@ def edm_stochastic(
 
     samples = scan_time_grid(step, x_init, times, key)
     return SampleResult(
-        samples=samples, nfe=constant_nfe(_two_evaluations_per_step(num_steps_of(times)))
+        samples=samples, nfe=constant_nfe(two_evaluations_per_step(num_steps_of(times)))
     )
 
 
-# Explicit Runge-Kutta pairs with first-same-as-last (FSAL): (diffrax class, stages).
+def _validate_adaptive(
+    *, solver: str, rtol: float, atol: float, max_steps: int, time_variable: str
+) -> None:
+    require_choice("solver", solver, tuple(ADAPTIVE_SOLVERS))
+    require_choice("time_variable", time_variable, TIME_VARIABLES)
+    require_real("rtol", rtol, low=0.0, low_open=True)
+    require_real("atol", atol, low=0.0, low_open=True)
+    require_int("max_steps", max_steps, low=1)
+
+
+@register_sampler(
+    nfe=lambda num_steps, **_: None,
+    deterministic=True,
+    reference="Dormand & Prince 1980 / Tsitouras 2011 via diffrax, on Song et al. 2021 eq. 13",
+    validate=_validate_adaptive,
+)
 def adaptive(
     denoiser: Denoiser,
     key: Array,
@@ -177,72 +218,3 @@ def adaptive(
 
 def _probability_flow_field(t: Array, x: Array, denoiser: Denoiser) -> Array:
     return probability_flow(denoiser, x, t)
-
-
-# ================================================================================ registry
-def _two_evaluations_per_step(num_steps: int, **_) -> int:
-    return 2 * num_steps
-
-
-def _validate_edm_stochastic(
-    *, S_churn: float, S_tmin: float, S_tmax: float, S_noise: float
-) -> None:
-    require_real("S_churn", S_churn, low=0.0)
-    require_real("S_tmin", S_tmin, low=0.0)
-    require_real("S_tmax", S_tmax, low=S_tmin, allow_inf=True)
-    require_real("S_noise", S_noise, low=0.0)
-
-
-def _validate_adaptive(
-    *, solver: str, rtol: float, atol: float, max_steps: int, time_variable: str
-) -> None:
-    require_choice("solver", solver, tuple(ADAPTIVE_SOLVERS))
-    require_choice("time_variable", time_variable, TIME_VARIABLES)
-    require_real("rtol", rtol, low=0.0, low_open=True)
-    require_real("atol", atol, low=0.0, low_open=True)
-    require_int("max_steps", max_steps, low=1)
-
-
-register_sampler(
-    SamplerSpec(
-        name="euler",
-        fn=euler,
-        nfe=lambda num_steps, **_: num_steps,
-        deterministic=True,
-        defaults={},
-        reference="Song et al. 2021, eq. 13 (probability-flow ODE), Euler's method",
-    )
-)
-register_sampler(
-    SamplerSpec(
-        name="heun",
-        fn=heun,
-        nfe=_two_evaluations_per_step,
-        deterministic=True,
-        defaults={},
-        reference="Karras et al. 2022, Algorithm 1 (Heun) on the probability-flow ODE",
-    )
-)
-register_sampler(
-    SamplerSpec(
-        name="edm_stochastic",
-        fn=edm_stochastic,
-        nfe=_two_evaluations_per_step,
-        deterministic=False,
-        defaults=keyword_defaults(edm_stochastic),
-        reference="Karras et al. 2022, Algorithm 2 (stochastic sampler)",
-        validate=_validate_edm_stochastic,
-        deterministic_if=lambda *, S_churn, S_noise, **_: S_churn == 0.0 or S_noise == 0.0,
-    )
-)
-register_sampler(
-    SamplerSpec(
-        name="adaptive",
-        fn=adaptive,
-        nfe=lambda num_steps, **_: None,
-        deterministic=True,
-        defaults=keyword_defaults(adaptive),
-        reference="Dormand & Prince 1980 / Tsitouras 2011 via diffrax, on Song et al. 2021 eq. 13",
-        validate=_validate_adaptive,
-    )
-)

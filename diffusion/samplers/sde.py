@@ -27,10 +27,9 @@ from diffusion.parameterization import Denoiser
 from diffusion.samplers.ancestral import VARIANCES, ancestral_step
 from diffusion.samplers.base import (
     SampleResult,
-    SamplerSpec,
     constant_nfe,
-    keyword_defaults,
     num_steps_of,
+    one_evaluation_per_step,
     register_sampler,
     require_choice,
     require_int,
@@ -78,7 +77,8 @@ def reverse_diffusion_step(denoiser: Denoiser, x: Array, t: Array, s: Array, key
 
     With the forward discretisation x_t = scale x_s + G z given by ``process.transition(s, t)`` =
     (scale, G), f_disc = (scale - 1) x and x_s = x_t - f_disc + G^2 score + G z. It agrees with the
-    ancestral 'beta' step to O(beta^2) (REFERENCE I-11). One network evaluation.
+    ancestral 'beta' step to O(beta^2) (docs/references.md, "Reverse-diffusion predictor"). One
+    network evaluation.
     """
     scale, transition_std = denoiser.process.transition(s, t)
     score = denoiser.score(x, t)
@@ -159,6 +159,29 @@ CORRECTORS: dict[str, CorrectorStep | None] = {
 
 
 # ================================================================================ samplers
+def _validate_pc(
+    *, predictor: str, corrector: str, snr: float, n_corrector_steps: int, variance: str
+) -> None:
+    require_choice("predictor", predictor, PREDICTORS)
+    require_choice("corrector", corrector, tuple(CORRECTORS))
+    if predictor == "none" and corrector == "none":
+        raise ValueError("predictor='none' and corrector='none' would not sample anything")
+    require_real("snr", snr, low=0.0, low_open=True)
+    require_int("n_corrector_steps", n_corrector_steps, low=1)
+    require_choice("variance", variance, VARIANCES)
+
+
+def _pc_nfe(num_steps: int, *, predictor: str, corrector: str, n_corrector_steps: int, **_) -> int:
+    per_step = int(predictor != "none") + n_corrector_steps * int(corrector != "none")
+    return num_steps * per_step
+
+
+@register_sampler(
+    nfe=_pc_nfe,
+    deterministic=False,
+    reference="Song et al. 2021, Alg. 1-5 and App. G (predictor-corrector)",
+    validate=_validate_pc,
+)
 def pc(
     denoiser: Denoiser,
     key: Array,
@@ -210,11 +233,6 @@ def pc(
     return SampleResult(samples=samples, nfe=constant_nfe(nfe))
 
 
-def _pc_nfe(num_steps: int, *, predictor: str, corrector: str, n_corrector_steps: int, **_) -> int:
-    per_step = int(predictor != "none") + n_corrector_steps * int(corrector != "none")
-    return num_steps * per_step
-
-
 def _run_predictor(
     predictor: str, denoiser: Denoiser, key: Array, x_init: Array, times: Array
 ) -> SampleResult:
@@ -228,6 +246,11 @@ def _run_predictor(
     return SampleResult(samples=samples, nfe=constant_nfe(num_steps_of(times)))
 
 
+@register_sampler(
+    nfe=one_evaluation_per_step,
+    deterministic=False,
+    reference="Song et al. 2021, eq. 6 (reverse SDE), Euler-Maruyama",
+)
 def euler_maruyama(denoiser: Denoiser, key: Array, x_init: Array, times: Array) -> SampleResult:
     """Euler-Maruyama on the reverse SDE down ``times`` (Song et al. 2021, eq. 6), NFE = num_steps.
 
@@ -236,6 +259,11 @@ def euler_maruyama(denoiser: Denoiser, key: Array, x_init: Array, times: Array) 
     return _run_predictor("euler_maruyama", denoiser, key, x_init, times)
 
 
+@register_sampler(
+    nfe=one_evaluation_per_step,
+    deterministic=False,
+    reference="Song et al. 2021, App. E eqs. 46-47 (reverse-diffusion predictor)",
+)
 def reverse_diffusion(denoiser: Denoiser, key: Array, x_init: Array, times: Array) -> SampleResult:
     """Reverse-diffusion sampling down ``times`` (Song et al. 2021, App. E eq. 47), NFE = num_steps.
 
@@ -244,6 +272,22 @@ def reverse_diffusion(denoiser: Denoiser, key: Array, x_init: Array, times: Arra
     return _run_predictor("reverse_diffusion", denoiser, key, x_init, times)
 
 
+def _validate_annealed_langevin(*, step_lr: float | None, n_steps_each: int) -> None:
+    if step_lr is not None:
+        require_real("step_lr", step_lr, low=0.0, low_open=True)
+    require_int("n_steps_each", n_steps_each, low=1)
+
+
+def _annealed_langevin_nfe(num_steps: int, n_steps_each: int, **_) -> int:
+    return (num_steps + 1) * n_steps_each
+
+
+@register_sampler(
+    nfe=_annealed_langevin_nfe,
+    deterministic=False,
+    reference="Song & Ermon 2019, Algorithm 1 (annealed Langevin dynamics)",
+    validate=_validate_annealed_langevin,
+)
 def annealed_langevin(
     denoiser: Denoiser,
     key: Array,
@@ -285,74 +329,3 @@ def annealed_langevin(
     return SampleResult(
         samples=samples, nfe=constant_nfe(_annealed_langevin_nfe(num_steps_of(times), n_steps_each))
     )
-
-
-def _annealed_langevin_nfe(num_steps: int, n_steps_each: int, **_) -> int:
-    return (num_steps + 1) * n_steps_each
-
-
-# ================================================================================ registry
-def _validate_pc(
-    *, predictor: str, corrector: str, snr: float, n_corrector_steps: int, variance: str
-) -> None:
-    require_choice("predictor", predictor, PREDICTORS)
-    require_choice("corrector", corrector, tuple(CORRECTORS))
-    if predictor == "none" and corrector == "none":
-        raise ValueError("predictor='none' and corrector='none' would not sample anything")
-    require_real("snr", snr, low=0.0, low_open=True)
-    require_int("n_corrector_steps", n_corrector_steps, low=1)
-    require_choice("variance", variance, VARIANCES)
-
-
-def _validate_annealed_langevin(*, step_lr: float | None, n_steps_each: int) -> None:
-    if step_lr is not None:
-        require_real("step_lr", step_lr, low=0.0, low_open=True)
-    require_int("n_steps_each", n_steps_each, low=1)
-
-
-def _one_evaluation_per_step(num_steps: int, **_) -> int:
-    return num_steps
-
-
-register_sampler(
-    SamplerSpec(
-        name="euler_maruyama",
-        fn=euler_maruyama,
-        nfe=_one_evaluation_per_step,
-        deterministic=False,
-        defaults={},
-        reference="Song et al. 2021, eq. 6 (reverse SDE), Euler-Maruyama",
-    )
-)
-register_sampler(
-    SamplerSpec(
-        name="reverse_diffusion",
-        fn=reverse_diffusion,
-        nfe=_one_evaluation_per_step,
-        deterministic=False,
-        defaults={},
-        reference="Song et al. 2021, App. E eqs. 46-47 (reverse-diffusion predictor)",
-    )
-)
-register_sampler(
-    SamplerSpec(
-        name="pc",
-        fn=pc,
-        nfe=_pc_nfe,
-        deterministic=False,
-        defaults=keyword_defaults(pc),
-        reference="Song et al. 2021, Alg. 1-5 and App. G (predictor-corrector)",
-        validate=_validate_pc,
-    )
-)
-register_sampler(
-    SamplerSpec(
-        name="annealed_langevin",
-        fn=annealed_langevin,
-        nfe=_annealed_langevin_nfe,
-        deterministic=False,
-        defaults=keyword_defaults(annealed_langevin),
-        reference="Song & Ermon 2019, Algorithm 1 (annealed Langevin dynamics)",
-        validate=_validate_annealed_langevin,
-    )
-)

@@ -34,7 +34,12 @@ from flax import struct
 from jax import Array
 from jax.typing import ArrayLike
 
-from diffusion.parameterization import Denoiser, DenoiserViews, eps_x0_from_prediction
+from diffusion.parameterization import (
+    Denoiser,
+    DenoiserViews,
+    ReverseKernelDenoiser,
+    eps_x0_from_prediction,
+)
 from diffusion.processes import Process
 from diffusion.shapes import expand_to
 
@@ -169,7 +174,7 @@ def estimate_eps_sq_norm(
 
 # ================================================================================ the reverse model
 @struct.dataclass
-class ReverseModel(DenoiserViews):
+class ReverseModel(ReverseKernelDenoiser):
     """A denoiser with a reverse variance: the Gaussian kernels p(x_s | x_t) of ancestral sampling.
 
     Attributes:

@@ -105,11 +105,12 @@ def vlb_chain_times(process: Process, times: ArrayLike | None = None) -> np.ndar
     uniform steps as in Kingma et al. 2021's discrete-time model).
     """
     if times is None:
-        times = getattr(process, "chain_times", None)  # None for a continuous process
-        if times is None:
+        if not process.is_discrete:
             raise ValueError(
-                f"{type(process).__name__} has no chain_times; give the chain's times explicitly"
+                f"{type(process).__name__} is a continuous process; give the chain's times "
+                "explicitly"
             )
+        times = process.chain_times
     times = np.asarray(times, dtype=np.float64)
     if times.ndim != 1 or times.size < 1 or not np.all(np.diff(times) > 0):
         raise ValueError(f"chain times must be a non-empty increasing 1-D array, got {times}")

@@ -234,7 +234,7 @@ def set_view(config: ml_collections.ConfigDict, view: str, dataset: str) -> None
         config.sampling.options.annealed_langevin.n_steps_each = 100
         config.sampling.options.annealed_langevin.step_lr = 2e-5
     else:  # edm
-        set_process(config, "edm", sigma_min=0.002, sigma_max=80.0, sigma_data=0.5)
+        set_process(config, "edm", sigma_min=0.002, sigma_max=80.0)
         config.model.parameterization = "edm"
         config.model.time_input = "quarter_log_sigma"
         config.training.weighting = "edm"

@@ -43,17 +43,11 @@ class Run:
     @property
     def denoiser(self) -> Denoiser:
         """The network with the EMA parameters, as a denoiser of the run's process."""
-        denoiser = self.experiment.denoiser
-        if isinstance(denoiser, Denoiser):  # built once with params=None
-            return denoiser.replace(params=self.params)
-        return denoiser(self.params)  # a factory of params
+        return self.experiment.denoiser.replace(params=self.params)
 
     @property
     def dataset(self) -> str:
-        settings = getattr(self.experiment, "data", None)
-        if settings is not None and hasattr(settings, "dataset"):
-            return settings.dataset
-        return self.experiment.config.data.dataset
+        return self.experiment.data.dataset
 
     @property
     def is_toy(self) -> bool:
@@ -69,11 +63,7 @@ class Run:
 
     def sampler_options(self, method: str) -> dict[str, Any]:
         """The run's configured options of sampler ``method``."""
-        sampling = getattr(self.experiment, "sampling", None)
-        if sampling is not None and hasattr(sampling, "options_of"):
-            return sampling.options_of(method)
-        options = self.experiment.config.sampling.options
-        return dict(options[method]) if method in options else {}
+        return self.experiment.sampling.options_of(method)
 
     def images(self, split: str) -> tuple[np.ndarray, np.ndarray, int]:
         """(images as floats in the run's data range, labels, number of classes) of a split."""

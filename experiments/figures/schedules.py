@@ -188,7 +188,7 @@ def _trained_model_panel(context: FigureContext):
     process = run.process
     images = jnp.asarray(run.images("test")[0][: context.size(256, 32)])
     times = np.linspace(process.t_min, process.T, 11)
-    if hasattr(process, "chain_times"):
+    if process.is_discrete:
         chain = process.chain_times
         times = chain[np.round(np.linspace(0, len(chain) - 1, 11)).astype(int)]
     predict = jax.jit(denoiser.predict)
