@@ -19,6 +19,7 @@ Cases:
   or, with ``--sample-batch``, in chunks of that many.
 
     python -m benchmarks.memory [--quick] [--cases=train,train_remat_blocks,...] [--sample-batch=N]
+        [--config=vp_mnist] [--num-samples=1000]
 
 ``--quick`` runs ``train`` and ``sample`` only, the latter with 2 solver steps instead of 20: the
 compiled loop's memory does not depend on its length (one network evaluation's activations at a
@@ -72,16 +73,16 @@ def memory_analysis(compiled) -> dict:
     }
 
 
-def build_experiment(remat: str, dtype_name: str):
-    """vp_mnist's experiment and its network with the given remat policy and compute dtype."""
+def build_experiment(config_name: str, remat: str, dtype_name: str):
+    """A config's experiment and its network with the given remat policy and compute dtype."""
     import dataclasses
+    import importlib
 
     import jax.numpy as jnp
 
     from experiments.build import build
-    from experiments.configs import vp_mnist
 
-    config = vp_mnist.get_config()
+    config = importlib.import_module(f"experiments.configs.{config_name}").get_config()
     experiment = build(config)
     dtype = None if dtype_name == "float32" else jnp.dtype(dtype_name)
     model = experiment.model.clone(remat=remat, dtype=dtype)
@@ -98,13 +99,13 @@ def device_peak_bytes() -> int | None:
     return None if not stats else int(stats.get("peak_bytes_in_use", 0))
 
 
-def run_train(remat: str, dtype_name: str) -> dict:
+def run_train(config_name: str, remat: str, dtype_name: str) -> dict:
     import jax
     import numpy as np
 
     from diffusion import training
 
-    config, experiment, model, loss = build_experiment(remat, dtype_name)
+    config, experiment, model, loss = build_experiment(config_name, remat, dtype_name)
     example = np.zeros((1, *experiment.data_shape), np.float32)
     params = jax.jit(model.init)(jax.random.key(0), example, np.zeros((1,), np.float32))
     step_fn = training.make_train_step(
@@ -134,21 +135,21 @@ def run_train(remat: str, dtype_name: str) -> dict:
     }
 
 
-def run_sample(sample_batch: int, num_steps: int) -> dict:
+def run_sample(config_name: str, num_samples: int, sample_batch: int, num_steps: int) -> dict:
     import jax
     import numpy as np
 
     from diffusion import samplers
 
-    _, experiment, model, _ = build_experiment("none", "float32")
+    _, experiment, model, _ = build_experiment(config_name, "none", "float32")
     example = np.zeros((1, *experiment.data_shape), np.float32)
     params = jax.jit(model.init)(jax.random.key(0), example, np.zeros((1,), np.float32))
     denoiser = experiment.denoiser.replace(params=params)
     setup_rss = rss_bytes()
     start = time.perf_counter()
     chunks = []
-    for index, first in enumerate(range(0, NUM_SAMPLES, sample_batch)):
-        size = min(sample_batch, NUM_SAMPLES - first)
+    for index, first in enumerate(range(0, num_samples, sample_batch)):
+        size = min(sample_batch, num_samples - first)
         result = samplers.sample(
             SAMPLER,
             denoiser,
@@ -170,14 +171,17 @@ def run_sample(sample_batch: int, num_steps: int) -> dict:
     }
 
 
-def run_case(name: str, sample_batch: int, sampler_steps: int) -> dict:
+def run_case(name: str, args: argparse.Namespace, sampler_steps: int) -> dict:
     """One case in this process: its figures and this process's peak RSS."""
     kind, remat, dtype_name = CASES[name]
-    figures = (
-        run_train(remat, dtype_name) if kind == "train" else run_sample(sample_batch, sampler_steps)
-    )
+    if kind == "train":
+        figures = run_train(args.config, remat, dtype_name)
+    else:
+        sample_batch = min(args.sample_batch or args.num_samples, args.num_samples)
+        figures = run_sample(args.config, args.num_samples, sample_batch, sampler_steps)
     return {
         "case": name,
+        "config": args.config,
         "kind": kind,
         "remat": remat,
         "dtype": dtype_name,
@@ -191,17 +195,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--quick", action="store_true", help=f"only {', '.join(QUICK_CASES)}")
     parser.add_argument("--cases", default=None, help=f"comma-separated, from {', '.join(CASES)}")
+    parser.add_argument("--config", default="vp_mnist", help="a module of experiments.configs")
+    parser.add_argument("--num-samples", type=int, default=NUM_SAMPLES, help="images to sample")
     parser.add_argument(
-        "--sample-batch", type=int, default=NUM_SAMPLES, help="images per sampler call"
+        "--sample-batch", type=int, default=None, help="images per sampler call (default: all)"
     )
     parser.add_argument("--sampler-steps", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case
     args = parser.parse_args()
-    if not 1 <= args.sample_batch <= NUM_SAMPLES:
-        parser.error(f"--sample-batch must be in [1, {NUM_SAMPLES}], got {args.sample_batch}")
+    if args.num_samples < 1 or (args.sample_batch is not None and args.sample_batch < 1):
+        parser.error("--num-samples and --sample-batch must be positive")
     sampler_steps = args.sampler_steps or (2 if args.quick else SAMPLER_STEPS)
     if args.case is not None:
-        print(json.dumps(run_case(args.case, args.sample_batch, sampler_steps)))
+        print(json.dumps(run_case(args.case, args, sampler_steps)))
         return
     names = args.cases.split(",") if args.cases else list(QUICK_CASES if args.quick else CASES)
     unknown = sorted(set(names) - set(CASES))
@@ -220,8 +226,11 @@ def main() -> None:
     records = []
     for name in names:
         command = [sys.executable, "-m", "benchmarks.memory", f"--case={name}"]
+        command += [f"--config={args.config}", f"--num-samples={args.num_samples}"]
+        if args.sample_batch is not None:
+            command.append(f"--sample-batch={args.sample_batch}")
         output = subprocess.run(
-            [*command, f"--sample-batch={args.sample_batch}", f"--sampler-steps={sampler_steps}"],
+            [*command, f"--sampler-steps={sampler_steps}"],
             cwd=root,
             check=True,
             capture_output=True,
