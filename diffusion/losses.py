@@ -31,6 +31,9 @@ sigma_hat = sigma / alpha):
                       / sigma_data^2                    (sigma sigma_data)^2 on the D (= x0) MSE at
                                                         sigma = sigma_hat (Karras et al. 2022, eq. 8);
                                                         ||x0 - x0_hat||^2 = sigma_hat^2 ||eps - eps_hat||^2
+    'velocity'    w = (1 + sigma_hat)^2                 the flow-matching MSE of u = eps - x0 (Lipman et
+                                                        al. 2022, eq. 23): u - u_hat = (eps - eps_hat)
+                                                        (alpha + sigma) / alpha
 
 The loss is computed from the network's raw output F against its own regression target F*
 (``diffusion.parameterization.prediction_from_eps_x0``) as ``w(t) c(t) ||F - F*||^2``, where c(t) is
@@ -112,6 +115,10 @@ WEIGHTINGS: dict[str, Callable[[Process, Array, _WeightOptions], Array]] = {
     ),
     # lambda(sigma_hat) sigma_hat^2 with EDM's lambda (Karras et al. 2022, eq. 8).
     "edm": lambda process, t, o: 1.0 + _inverse_snr(process, t) / o.sigma_data**2,
+    # The flow-matching loss ||u - u_hat||^2 on the velocity u = eps - x0 (Lipman et al. 2022,
+    # eq. 23; Liu et al. 2022, eq. 1): ((alpha + sigma) / alpha)^2 = (1 + sigma_hat)^2, which is
+    # 1 / (1 - t)^2 on the flow process.
+    "velocity": lambda process, t, o: (1.0 + jnp.exp(-process.log_snr(t))) ** 2,
 }
 
 
@@ -141,6 +148,8 @@ def eps_loss_weight(
 class _TimeOptions:
     log_normal_mean: float
     log_normal_std: float
+    logit_normal_mean: float
+    logit_normal_std: float
 
 
 def _uniform_times(process: Process, key: Array, shape, dtype, options) -> tuple[Array, Array]:
@@ -156,6 +165,16 @@ def _log_normal_times(process: Process, key: Array, shape, dtype, options) -> tu
     )
     t = process.t_from_log_snr(-log_sigma_hat)
     return jnp.clip(t, process.t_min, process.T).astype(dtype), jnp.ones(shape, dtype)
+
+
+def _logit_normal_times(process: Process, key: Array, shape, dtype, options) -> tuple[Array, Array]:
+    # The fraction u = (t - t_min) / (T - t_min) ~ sigmoid(N(m, s^2)) (Esser et al. 2024, Sec. 3.1:
+    # logit-normal, m = 0, s = 1); weight 1 (this changes the objective, as EDM's law does).
+    normal = options.logit_normal_mean + options.logit_normal_std * jax.random.normal(
+        key, shape, dtype
+    )
+    t = process.t_min + (process.T - process.t_min) * jax.nn.sigmoid(normal)
+    return t.astype(dtype), jnp.ones(shape, dtype)
 
 
 def _importance_times(process: Process, key: Array, shape, dtype, options) -> tuple[Array, Array]:
@@ -180,6 +199,7 @@ def _discrete_times(process: Process, key: Array, shape, dtype, options) -> tupl
 TIME_SAMPLINGS: dict[str, Callable[..., tuple[Array, Array]]] = {
     "uniform": _uniform_times,
     "log_normal": _log_normal_times,
+    "logit_normal": _logit_normal_times,
     "importance": _importance_times,
     "discrete": _discrete_times,
 }
@@ -194,18 +214,27 @@ def sample_time(
     *,
     log_normal_mean: float = -1.2,
     log_normal_std: float = 1.2,
+    logit_normal_mean: float = 0.0,
+    logit_normal_std: float = 1.0,
 ) -> tuple[Array, Array]:
     """Draw (batch_size,) times and their importance weights u(t)/p(t) for the uniform objective.
 
     'uniform': t ~ U[t_min, T); weight 1. 'log_normal': ln sigma_hat ~ N(log_normal_mean,
     log_normal_std^2) (Karras et al. 2022, Table 1: -1.2, 1.2), t = t(lambda = -ln sigma_hat) clipped
-    to [t_min, T]; weight 1 (this changes the objective, as EDM does). 'importance': lambda uniform,
+    to [t_min, T]; weight 1 (this changes the objective, as EDM does). 'logit_normal': the fraction
+    (t - t_min) / (T - t_min) is sigmoid(N(logit_normal_mean, logit_normal_std^2)) (Esser et al.
+    2024, Sec. 3.1); weight 1. 'importance': lambda uniform,
     density proportional to g^2/sigma^2 (Song, Durkan et al. 2021, Sec. 5), weight keeping the
     uniform-in-t objective unbiased (constant for the 'likelihood' weighting). 'discrete': uniform over
     ``process.chain_times`` (Ho et al. 2020, Alg. 1); needs a discrete chain.
     """
     _check_choice("time_sampling", time_sampling, TIME_SAMPLINGS)
-    options = _TimeOptions(log_normal_mean=log_normal_mean, log_normal_std=log_normal_std)
+    options = _TimeOptions(
+        log_normal_mean=log_normal_mean,
+        log_normal_std=log_normal_std,
+        logit_normal_mean=logit_normal_mean,
+        logit_normal_std=logit_normal_std,
+    )
     dtype = dtype or jnp.result_type(float)
     return TIME_SAMPLINGS[time_sampling](process, key, (batch_size,), dtype, options)
 
@@ -271,6 +300,7 @@ class DenoisingLoss:
       reduction: 'mean' or 'sum' over data dimensions.
       min_snr_gamma: gamma of 'min_snr' (Hang et al. 2023 use 5).
       log_normal_mean, log_normal_std: P_mean, P_std of 'log_normal' (Karras et al. 2022: -1.2, 1.2).
+      logit_normal_mean, logit_normal_std: m, s of 'logit_normal' (Esser et al. 2024: 0, 1).
       num_classes: None for an unconditional network (labels in the batch are ignored); else the
         number of classes, labels being passed as ``y``.
       label_dropout: probability of replacing a label by the null label ``num_classes`` when
@@ -284,6 +314,8 @@ class DenoisingLoss:
     min_snr_gamma: float = 5.0
     log_normal_mean: float = -1.2
     log_normal_std: float = 1.2
+    logit_normal_mean: float = 0.0
+    logit_normal_std: float = 1.0
     num_classes: int | None = None
     label_dropout: float = 0.0
 
@@ -308,13 +340,12 @@ class DenoisingLoss:
                 )
         if not (math.isfinite(self.min_snr_gamma) and self.min_snr_gamma > 0):
             raise ValueError(f"min_snr_gamma must be > 0, got {self.min_snr_gamma!r}")
-        if not (math.isfinite(self.log_normal_mean) and math.isfinite(self.log_normal_std)):
-            raise ValueError(
-                f"log_normal_mean and log_normal_std must be finite, got "
-                f"{self.log_normal_mean!r}, {self.log_normal_std!r}"
-            )
-        if self.log_normal_std <= 0:
-            raise ValueError(f"log_normal_std must be > 0, got {self.log_normal_std!r}")
+        for law in ("log_normal", "logit_normal"):
+            mean, std = getattr(self, f"{law}_mean"), getattr(self, f"{law}_std")
+            if not (math.isfinite(mean) and math.isfinite(std)):
+                raise ValueError(f"{law}_mean and {law}_std must be finite, got {mean!r}, {std!r}")
+            if std <= 0:
+                raise ValueError(f"{law}_std must be > 0, got {std!r}")
         if self.num_classes is not None and not (
             isinstance(self.num_classes, int) and self.num_classes >= 1
         ):
@@ -358,6 +389,8 @@ class DenoisingLoss:
             x0.dtype,
             log_normal_mean=self.log_normal_mean,
             log_normal_std=self.log_normal_std,
+            logit_normal_mean=self.logit_normal_mean,
+            logit_normal_std=self.logit_normal_std,
         )
         x_t, eps = process.sample_marginal(key_noise, x0, t)
         model_kwargs = self._model_kwargs(batch, key_dropout, key_label, train)

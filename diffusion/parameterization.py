@@ -15,18 +15,20 @@ for all of them: with x = alpha x0 + sigma eps and F = eps_coef eps + x0_coef x0
 
 and the factor with ||eps - eps_hat||^2 = c ||F - F*||^2 that losses need is c = (alpha / det)^2.
 
-| name  | eps_coef               | x0_coef                   | source                            |
-|-------|------------------------|---------------------------|-----------------------------------|
-| eps   | 1                      | 0                         | Ho et al. 2020, eq. 11            |
-| x0    | 0                      | 1                         | Ho et al. 2020, Sec. 3.2          |
-| score | -1 / sigma             | 0                         | Song et al. 2021, eq. 7           |
-| v     | alpha                  | -sigma                    | Salimans & Ho 2022, App. D        |
-| edm   | -sd / sqrt(s^2 + sd^2) | s / (sd sqrt(s^2 + sd^2)) | Karras et al. 2022, eq. 7, Tab. 1 |
+| name     | eps_coef               | x0_coef                   | source                            |
+|----------|------------------------|---------------------------|-----------------------------------|
+| eps      | 1                      | 0                         | Ho et al. 2020, eq. 11            |
+| x0       | 0                      | 1                         | Ho et al. 2020, Sec. 3.2          |
+| score    | -1 / sigma             | 0                         | Song et al. 2021, eq. 7           |
+| v        | alpha                  | -sigma                    | Salimans & Ho 2022, App. D        |
+| edm      | -sd / sqrt(s^2 + sd^2) | s / (sd sqrt(s^2 + sd^2)) | Karras et al. 2022, eq. 7, Tab. 1 |
+| velocity | 1                      | -1                        | Lipman et al. 2022, eq. 23        |
 
 with s = sigma_hat = sigma / alpha = exp(-lambda) and sd = sigma_data. The EDM row is their target
 F* = (x0 - c_skip x_hat) / c_out with x_hat = x / alpha = x0 + s eps, and their network sees
 c_in x_hat = x / sqrt(sigma^2 + alpha^2 sd^2) (``input_scale``); its c_noise is the time input
-'quarter_log_sigma'.
+'quarter_log_sigma'. The velocity row is what flow-matching models predict: u = eps - x0, the time
+derivative of the straight path x_t = (1 - t) x0 + t eps of the 'flow' process.
 
 The network's time input is a second, independent table (``TIME_INPUTS``). ``Denoiser`` wraps a network
 ``apply_fn(params, x, t_input)`` with a process, a parameterization and a time input, and exposes the
@@ -123,6 +125,11 @@ PARAMETERIZATIONS: dict[str, Parameterization] = {
             "Karras et al. 2022, eq. 7-8 and Table 1",
             input_scale=lambda alpha, sigma, sd: 1.0 / jnp.sqrt(sigma**2 + (alpha * sd) ** 2),
         ),
+        Parameterization(
+            "velocity",
+            lambda alpha, sigma, sd: (1.0, -1.0),
+            "Lipman et al. 2022, eq. 23; Liu et al. 2022, eq. 1",
+        ),
     )
 }
 
@@ -200,7 +207,8 @@ def eps_error_factor(
 
     At fixed (x, t) eps is affine in F with slope alpha / det (module docstring), so
     c = (alpha / det)^2: 1 for eps, SNR for x0, sigma^2 for score, alpha^2 / (alpha^2 + sigma^2)^2
-    for v, sigma_data^2 / (sigma_hat^2 + sigma_data^2) for EDM.
+    for v, sigma_data^2 / (sigma_hat^2 + sigma_data^2) for EDM, alpha^2 / (alpha + sigma)^2 for the
+    velocity.
     """
     t = jnp.asarray(t)
     alpha, sigma = process.alpha(t), process.sigma(t)

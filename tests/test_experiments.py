@@ -53,9 +53,10 @@ def shrink(config, image_size: int | None = None):
 
 
 def test_there_are_the_promised_configs():
-    views = ("vp", "subvp", "ve", "ddpm", "smld", "edm")
+    views = ("vp", "subvp", "ve", "ddpm", "smld", "edm", "flow")
     expected = {f"{v}_{d}" for v in views for d in ("mnist", "fashion_mnist", "fashion_mnist_idx")}
-    expected |= {"vp_cifar10", "ve_cifar10", "vp_digits", "toy_vp", "toy_ve", "toy_subvp"}
+    expected |= {"vp_cifar10", "ve_cifar10", "vp_digits", "ddpm_digits", "flow_digits"}
+    expected |= {"toy_vp", "toy_ve", "toy_subvp", "toy_flow"}
     assert expected <= set(CONFIGS)
 
 

@@ -8,7 +8,7 @@ import pytest
 from diffusion import processes as P
 from diffusion.samplers.grids import CONTINUOUS_GRIDS, chain_indices, time_grid
 
-CONTINUOUS_PROCESSES = ["vp", "subvp", "ve", "cosine", "ddpm", "smld", "edm"]
+CONTINUOUS_PROCESSES = list(P.PROCESSES)  # every registered process
 
 # Karras et al. 2022, eq. 5 with rho = 7, N = 18, sigma in [0.002, 80] (docs/references.md
 # #noise-levels-and-time-grids).

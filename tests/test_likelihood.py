@@ -86,7 +86,7 @@ def test_ode_log_density_equals_the_oracles_exact_log_density(preset, num_points
     assert int(result.nfe) == len(calls)  # the reported NFE is the number of network calls
 
 
-@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "cosine", "ddpm", "edm"])
+@pytest.mark.parametrize("name", ["vp", "subvp", "ve", "cosine", "ddpm", "edm", "flow"])
 def test_gaussian_data_matches_the_closed_form_for_every_process(name, x64):
     """log p_t0 and the ODE's endpoint x_T against the closed forms of Gaussian data.
 

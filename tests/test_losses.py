@@ -430,6 +430,35 @@ def test_edm_loss_is_karras_equation_8(x64):
     )
 
 
+def test_flow_matching_loss_is_the_conditional_flow_matching_objective(x64):
+    """Lipman et al. 2022, eq. 23 / Liu et al. 2022, Alg. 1: ||(eps - x0) - v_theta((1 - t) x0 +
+    t eps, t)||^2 at t ~ U[t_min, T], recomputed by hand, is the velocity parameterization with the
+    'velocity' weighting on the flow process."""
+    process = P.RectifiedFlow()
+    x0 = jax.random.normal(rng(30), SMALL_BATCH)
+    key = rng(31)
+
+    def velocity_network(params, x, t, **unused):
+        return params * x - 0.2 * t[:, None]
+
+    loss, aux = make_loss(
+        process=process,
+        parameterization="velocity",
+        apply_fn=velocity_network,
+        weighting="velocity",
+        reduction="sum",
+    )(0.7, {"x": x0}, key)
+    key_time, key_noise = loss_keys(key)
+    t = process.t_min + (process.T - process.t_min) * jax.random.uniform(key_time, SMALL_BATCH[:1])
+    eps = jax.random.normal(key_noise, x0.shape)
+    x_t = (1 - t[:, None]) * x0 + t[:, None] * eps
+    by_hand = np.mean(np.sum((eps - x0 - velocity_network(0.7, x_t, t)) ** 2, axis=1))
+    np.testing.assert_allclose(loss, by_hand, rtol=1e-10)
+    # The eps-MSE of the same prediction: ||u - u_hat||^2 = ||eps - eps_hat||^2 / (1 - t)^2.
+    u_error = np.sum((eps - x0 - velocity_network(0.7, x_t, t)) ** 2, axis=1)
+    np.testing.assert_allclose(aux["eps_mse"], np.mean(u_error * (1 - t) ** 2), rtol=1e-10)
+
+
 # ================================================================================ time laws
 @pytest.mark.parametrize(
     "process", [P.DDPM(num_steps=20), P.SMLD(num_levels=7)], ids=["ddpm", "smld"]
@@ -464,6 +493,15 @@ def test_log_normal_times_have_log_normal_sigma_hat():
     """EDM: ln sigma ~ N(-1.2, 1.2^2) (KS p > 1e-3; clipping at 0.002 / 80 has mass 1.4e-5)."""
     t, _ = L.sample_time("log_normal", P.EDM(), rng(16), 5000)
     assert stats.kstest(np.log(np.asarray(t)), stats.norm(-1.2, 1.2).cdf).pvalue > 1e-3
+
+
+def test_logit_normal_times_have_logit_normal_fractions():
+    """Esser et al. 2024, Sec. 3.1: logit((t - t_min) / (T - t_min)) ~ N(0, 1) (KS p > 1e-3)."""
+    process = P.RectifiedFlow()
+    t, weight = L.sample_time("logit_normal", process, rng(32), 5000)
+    fraction = (np.asarray(t, np.float64) - process.t_min) / (process.T - process.t_min)
+    assert stats.kstest(np.log(fraction / (1 - fraction)), stats.norm(0, 1).cdf).pvalue > 1e-3
+    assert np.all(np.asarray(weight) == 1.0)
 
 
 # ================================================================================ labels

@@ -61,6 +61,21 @@ def test_v_target_is_the_velocity_of_the_angular_path(x64):
     np.testing.assert_allclose(target, velocity, rtol=1e-9, atol=1e-12)
 
 
+def test_velocity_target_is_the_time_derivative_of_the_straight_path(x64):
+    """Lipman et al. 2022, eq. 23 (Liu et al. 2022, eq. 1): the flow-matching target is
+    u = d x_t / dt on x_t = (1 - t) x0 + t eps; here by forward-mode autodiff in t."""
+    x0, eps, _, _, _ = random_state(jax.random.PRNGKey(7), vp=True)
+    t = jax.random.uniform(jax.random.PRNGKey(8), (x0.shape[0], 1), minval=0.01, maxval=0.99)
+
+    def path(t):
+        return (1.0 - t) * x0 + t * eps
+
+    _, velocity = jax.jvp(path, (t,), (jnp.ones_like(t),))
+    np.testing.assert_allclose(
+        PZ.prediction_from_eps_x0(eps, x0, "velocity", 1.0 - t, t), velocity, rtol=1e-12
+    )
+
+
 @pytest.mark.parametrize("vp", [True, False])
 def test_loss_conversions(vp, x64):
     """docs/references.md #loss-conversions: errors of consistent predictions in the different views."""
@@ -204,8 +219,8 @@ def test_denoiser_rejects_bad_options(kwargs, fragment):
 
 
 def test_conversion_rejects_unknown_parameterization():
-    with pytest.raises(ValueError, match="'velocity'"):
-        PZ.eps_x0_from_prediction(jnp.zeros(2), "velocity", jnp.zeros(2), 1.0, 1.0)
+    with pytest.raises(ValueError, match="'speed'"):
+        PZ.eps_x0_from_prediction(jnp.zeros(2), "speed", jnp.zeros(2), 1.0, 1.0)
     with pytest.raises(ValueError, match="'hours'"):
         PZ.network_time(P.VPSDE(), 0.5, "hours")
     assert math.isfinite(float(PZ.network_time(P.VPSDE(), 0.5, "log_sigma")))

@@ -19,7 +19,7 @@ from diffusion.parameterization import (
 from diffusion.samplers import SAMPLERS, get_sampler, sample, sweep
 from diffusion.shapes import expand_to
 
-PROCESS_NAMES = ["vp", "subvp", "ve", "cosine", "ddpm", "smld", "edm"]
+PROCESS_NAMES = list(P.PROCESSES)  # every registered process
 NUM_STEPS = 6  # divisible by 2 and 3, so multistep / higher-order solvers fit too
 # Options that keep the smoke test short (NCSN's default is 100 Langevin steps per level).
 SMOKE_OPTIONS = {"annealed_langevin": {"n_steps_each": 2}}
