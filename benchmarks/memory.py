@@ -12,8 +12,10 @@ Cases:
 * ``train``: vp_mnist's network, loss and optimiser (``experiments.build``), batch 128 of synthetic
   28x28x1 images, ``jax.jit(train_step, donate_argnums=0)`` (the train state is donated, as in
   ``diffusion.parallel.DataParallelStep``), 3 steps; with the U-Net's ``remat`` ('none', 'blocks',
-  'convs') and compute ``dtype`` (float32, bfloat16) options. ``step_s`` is the median time of the
-  last 2 steps, so the time an option costs is next to the memory it saves.
+  'convs') and compute ``dtype`` (float32, bfloat16) options, and with XLA:CPU's memory-optimised
+  scheduler (``*_memory_scheduler``) in place of its default concurrency-optimised one. ``step_s`` is
+  the median time of the last 2 steps, so the time an option costs is next to the memory it saves;
+  ``peak_rss_until_compiled_bytes`` separates what compiling took from what running takes.
 * ``sample``: 1,000 images from vp_mnist's network (initial parameters: the cost does not depend on
   their values) with DPM-Solver++(2M), 20 steps, in one compiled call (``diffusion.samplers.sample``)
   or, with ``--sample-batch``, in chunks of that many.
@@ -38,14 +40,21 @@ import subprocess
 import sys
 import time
 
-# case name -> (kind, remat, dtype)
+# case name -> (kind, remat, dtype, XLA:CPU scheduler)
 CASES = {
-    "train": ("train", "none", "float32"),
-    "train_remat_blocks": ("train", "blocks", "float32"),
-    "train_remat_convs": ("train", "convs", "float32"),
-    "train_bfloat16": ("train", "none", "bfloat16"),
-    "sample": ("sample", "none", "float32"),
+    "train": ("train", "none", "float32", "default"),
+    "train_remat_blocks": ("train", "blocks", "float32", "default"),
+    "train_remat_convs": ("train", "convs", "float32", "default"),
+    "train_bfloat16": ("train", "none", "bfloat16", "default"),
+    "train_memory_scheduler": ("train", "none", "float32", "memory"),
+    "train_remat_blocks_memory_scheduler": ("train", "blocks", "float32", "memory"),
+    "sample": ("sample", "none", "float32", "default"),
+    "sample_memory_scheduler": ("sample", "none", "float32", "memory"),
 }
+# XLA:CPU schedules operations for concurrency by default; this flag orders them to keep fewer
+# buffers alive. Set here for the whole case process; one program can get it with
+# jax.jit(..., compiler_options={"xla_cpu_scheduler_type": "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"}).
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
 QUICK_CASES = ("train", "sample")
 TRAIN_BATCH = 128
 NUM_SAMPLES = 1000
@@ -119,6 +128,7 @@ def run_train(config_name: str, remat: str, dtype_name: str) -> dict:
     batch = {"image": jax.device_put(images.astype(np.float32))}
     setup_rss = rss_bytes()
     compiled = jax.jit(step_fn, donate_argnums=0).lower(state, batch).compile()
+    compiled_rss, compiled_peak_rss = rss_bytes(), peak_rss_bytes()
     times = []
     for _ in range(3):
         start = time.perf_counter()
@@ -129,6 +139,8 @@ def run_train(config_name: str, remat: str, dtype_name: str) -> dict:
         "batch": TRAIN_BATCH,
         "param_count": int(sum(leaf.size for leaf in jax.tree.leaves(params))),
         "rss_after_setup_bytes": setup_rss,
+        "rss_after_compile_bytes": compiled_rss,
+        "peak_rss_until_compiled_bytes": compiled_peak_rss,
         "step_s": float(np.median(times[1:])),
         "loss": float(metrics["loss"]),
         **memory_analysis(compiled),
@@ -173,7 +185,9 @@ def run_sample(config_name: str, num_samples: int, sample_batch: int, num_steps:
 
 def run_case(name: str, args: argparse.Namespace, sampler_steps: int) -> dict:
     """One case in this process: its figures and this process's peak RSS."""
-    kind, remat, dtype_name = CASES[name]
+    kind, remat, dtype_name, _ = CASES[name]
+    # What this process runs with (the parent sets the flag for the *_memory_scheduler cases).
+    scheduler = "memory" if MEMORY_SCHEDULER_FLAG in os.environ.get("XLA_FLAGS", "") else "default"
     if kind == "train":
         figures = run_train(args.config, remat, dtype_name)
     else:
@@ -185,6 +199,7 @@ def run_case(name: str, args: argparse.Namespace, sampler_steps: int) -> dict:
         "kind": kind,
         "remat": remat,
         "dtype": dtype_name,
+        "scheduler": scheduler,
         "peak_rss_bytes": peak_rss_bytes(),
         "device_peak_bytes": device_peak_bytes(),
         **figures,
@@ -229,8 +244,13 @@ def main() -> None:
         command += [f"--config={args.config}", f"--num-samples={args.num_samples}"]
         if args.sample_batch is not None:
             command.append(f"--sample-batch={args.sample_batch}")
+        environment = dict(os.environ)
+        if CASES[name][3] == "memory":
+            flags = environment.get("XLA_FLAGS", "")
+            environment["XLA_FLAGS"] = f"{flags} {MEMORY_SCHEDULER_FLAG}".strip()
         output = subprocess.run(
             [*command, f"--sampler-steps={sampler_steps}"],
+            env=environment,
             cwd=root,
             check=True,
             capture_output=True,

@@ -232,7 +232,8 @@ class Conv(nn.Module):
 
 class GroupNorm(nn.Module):
     """GroupNorm (Wu & He 2018) over the last axis, as ``flax.linen.GroupNorm`` (parameters 'scale'
-    and 'bias' (C,), statistics in at least float32, variance E[x^2] - E[x]^2 clipped at 0).
+    and 'bias' (C,), statistics in at least float32, variance E[x^2] - E[x]^2 clipped at 0, the
+    normalisation itself in the output dtype).
 
     Per example n and group g of C/G channels, over all other axes:
     ``y = (x - mu_ng) / sqrt(var_ng + epsilon) * scale + bias`` (Wu & He 2018, eq. (1)-(2)).
@@ -273,6 +274,8 @@ class GroupNorm(nn.Module):
         channel_mean = jnp.repeat(mean, group_size, axis=1)
         shape = (batch, *(1,) * (x.ndim - 2), channels)
         multiplier, channel_mean = multiplier.reshape(shape), channel_mean.reshape(shape)
+        # The elementwise pass (and what autodiff stores of it) in the output dtype: bfloat16 under
+        # a bfloat16 compute dtype, with the statistics above still in float32.
         output_dtype = self.dtype or jnp.promote_types(x.dtype, self.param_dtype)
-        centered = x.astype(stats_dtype) - channel_mean
-        return (centered * multiplier + bias.astype(stats_dtype)).astype(output_dtype)
+        centered = x.astype(output_dtype) - channel_mean.astype(output_dtype)
+        return centered * multiplier.astype(output_dtype) + bias.astype(output_dtype)
