@@ -209,6 +209,7 @@ class JaxSide:
         cost = cost[0] if isinstance(cost, list) else cost
         self.flops_per_step = float(cost.get("flops", float("nan")))
         self.temp_bytes = int(self.compiled.memory_analysis().temp_size_in_bytes)
+        self.platform = jax.devices()[0].platform
         self.step_s: list[float] = []
         self.cpu_s: list[float] = []
 
@@ -427,8 +428,32 @@ def profile_step(side: JaxSide) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------ main
+def available_memory_bytes() -> int | None:
+    """MemAvailable of /proc/meminfo (None where there is none)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            match = re.search(r"^MemAvailable:\s+(\d+) kB", meminfo.read(), re.M)
+    except OSError:
+        return None
+    return int(match.group(1)) * 1024 if match else None
+
+
 def run_case(name, args, peaks, peer: PeerSide | None, timed_steps: int) -> dict:
     side = JaxSide(build_case(name, peaks["dtype"], args.remat), args.batch_size)
+    available = available_memory_bytes()
+    if side.platform == "cpu" and available is not None and side.temp_bytes > 0.9 * available:
+        # Running would take the machine's memory (and the OOM killer takes the process).
+        return {
+            "config": name,
+            "batch": args.batch_size,
+            "dtype": peaks["dtype"],
+            "param_count": side.param_count,
+            "compile_s": side.compile_s,
+            "flops_per_step": side.flops_per_step,
+            "temp_bytes": side.temp_bytes,
+            "skipped": f"XLA needs {side.temp_bytes / 2**30:.1f} GiB of scratch; "
+            f"{available / 2**30:.1f} GiB available (try a smaller --batch-size)",
+        }
     side.step(record=False)  # warm-up
     if peer is not None:
         peer.step(record=False)
@@ -489,9 +514,7 @@ def main() -> None:
                 case_peer = peer if name == PEER_CASE and dtype_name == "float32" else None
                 record = run_case(name, args, peaks, case_peer, timed_steps)
                 output["records"].append(record)
-                print(
-                    json.dumps({"progress": record["config"], "dtype": dtype_name}), file=sys.stderr
-                )
+                print(json.dumps({"progress": record}), file=sys.stderr)  # survives a crash
     finally:
         if peer is not None:
             peer.close()
