@@ -14,19 +14,23 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
 
-from diffusion import data, losses, optim, oracle, parallel, samplers
+from diffusion import data, guidance, losses, optim, oracle, parallel, samplers, variational
 from diffusion.models import MLP, UNet
+from diffusion.models.noisy_classifier import NoisyClassifier
 from diffusion.models.unet import level_resolutions
-from diffusion.parameterization import Denoiser
-from diffusion.processes import Process, make_process
+from diffusion.parameterization import Denoiser, DenoiserViews
+from diffusion.processes import PROCESSES, Process, make_process
+from diffusion.variational import LearnedSchedule, ReverseModel
 
 __all__ = [
     "ConfigError",
@@ -43,6 +47,11 @@ __all__ = [
 MODELS = ("unet", "mlp")
 FEATURE_EXTRACTORS = ("classifier", "inception", "none")
 _IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
+IMAGE_CLASSES = (
+    10  # every labelled dataset of diffusion.data (MNIST, Fashion-MNIST, CIFAR-10, digits)
+)
+LEARNED_PROCESS = "learned"  # Kingma et al. 2021's schedule (diffusion.variational.LearnedSchedule)
+VLB_WEIGHTINGS = ("hybrid", "vlb")  # losses of diffusion.variational, beside DenoisingLoss's
 
 
 class ConfigError(ValueError):
@@ -58,6 +67,8 @@ class Stream(enum.IntEnum):
     SAMPLE = 3  # --mode=sample
     EVAL = 4  # --mode=eval
     SWEEP = 5  # --mode=sweep
+    CLASSIFIER = 6  # the noise-conditional classifier of classifier guidance
+    ANALYTIC = 7  # the Monte Carlo estimate of the analytic variance's Gamma_t
 
 
 def _wrap(section: str, build_fn: Callable[[], Any]) -> Any:
@@ -113,10 +124,29 @@ class SamplingSettings:
     options: Mapping[str, Mapping[str, Any]]  # sampler name -> its options
     num_samples: int
     batch_size: int
+    labels: str  # 'all', '3' or '0,4,7' (sampling_labels reads it)
+    guidance_scale: float
+    guidance_interval: tuple[float, float] | None
+    guidance_rescale: float
+    classifier_scale: float
+    noisy_classifier_steps: int
+    noisy_classifier_batch_size: int
+    noisy_classifier_learning_rate: float
+    noisy_classifier_channels: tuple[int, ...]
+    noisy_classifier_num_blocks: int
+    inpaint_mask: str | None
+    inpaint_resamplings: int
+    inpaint_jump_length: int
+    reverse_variance: str | None
 
     def options_of(self, method: str) -> dict[str, Any]:
         """The configured options of sampler ``method`` (its registry defaults if none)."""
         return dict(self.options.get(method, {}))
+
+    @property
+    def repaints(self) -> bool:
+        """Whether inpainting resamples (RePaint, Lugmayr et al. 2022) instead of one pass."""
+        return self.inpaint_resamplings > 1 or self.inpaint_jump_length > 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +169,12 @@ class EvalSettings:
     sweep_nfes: tuple[int, ...]
     sweep_grids: tuple[str, ...]
     sweep_num_samples: int
+    guidance_scales: tuple[float, ...]
+    vlb: bool
+    vlb_num_examples: int
+    vlb_num_terms: int
+    analytic_num_batches: int
+    analytic_num_times: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -174,16 +210,19 @@ def _settings(cls: type, section: ml_collections.ConfigDict, **computed: Any) ->
 
 
 # ============================================================================= the experiment
+EpsSqNormTable = tuple[np.ndarray, np.ndarray]  # (increasing times, Gamma_t at them)
+
+
 @dataclasses.dataclass(frozen=True)
 class Experiment:
     """Everything a mode of experiments/run.py needs, built once from a validated config."""
 
     record: Mapping[str, Any]  # the config as JSON values: what DIR/config.json records
     seed: int
-    process: Process
+    process: Process  # a LearnedSchedule here is a template: ``denoiser_for`` gives the trained one
     model: Any  # a flax.linen Module (UNet or MLP)
-    denoiser: Denoiser  # params=None: ``denoiser.replace(params=...)`` to use it
-    loss: losses.DenoisingLoss
+    denoiser: Denoiser  # params=None: ``denoiser_for(params)`` (or ``.replace(params=...)``)
+    loss: losses.DenoisingLoss | variational.HybridLoss | variational.VDMLoss
     optimizer: optax.GradientTransformation
     learning_rate_fn: optax.Schedule
     data_shape: tuple[int, ...]  # one example, e.g. (28, 28, 1) or (2,)
@@ -191,6 +230,11 @@ class Experiment:
     training: TrainingSettings
     sampling: SamplingSettings
     eval: EvalSettings
+    num_classes: int | None = None  # a class-conditional network's classes (model.num_classes)
+    label_classes: int | None = None  # classes sampling labels refer to (conditional or guided)
+    variance: str = "fixed_small"  # model.variance: the network's reverse-variance rule
+    vlb_decoder: str = "gaussian"  # the decoder of the variational bound for this data
+    classifier_module: NoisyClassifier | None = None  # classifier guidance's p(y | x_t, t)
 
     @property
     def is_toy(self) -> bool:
@@ -200,53 +244,232 @@ class Experiment:
     def data_range(self) -> tuple[float, float]:
         return self.data.data_range
 
+    @property
+    def learned_schedule(self) -> bool:
+        """Whether the process is a learned schedule (params = {'denoiser', 'schedule'})."""
+        return isinstance(self.process, LearnedSchedule)
+
+    @property
+    def learned_variance(self) -> bool:
+        """Whether the network outputs 2C channels (prediction and variance interpolation v)."""
+        return self.variance == "learned"
+
     def key(self, stream: Stream) -> jax.Array:
         """The PRNG key of ``stream`` (see ``Stream``)."""
         return jax.random.fold_in(jax.random.PRNGKey(self.seed), int(stream))
 
     # ------------------------------------------------------------------------- the network
     def init_params(self, key: jax.Array) -> Any:
-        """Fresh network parameters (jitted init on a batch of one)."""
+        """Fresh parameters (jitted init on a batch of one): the network's variables, or with a
+        learned schedule {'denoiser': variables, 'schedule': its monotone network's parameters}."""
         dummy_x = np.zeros((1, *self.data_shape), np.float32)
         dummy_t = np.zeros((1,), np.float32)
-        return jax.jit(self.model.init)(key, dummy_x, dummy_t)
+        network = jax.jit(self.model.init)(key, dummy_x, dummy_t)
+        if not self.learned_schedule:
+            return network
+        num_hidden = int(np.shape(self.process.params["hidden_weight"])[-1])
+        schedule_key = jax.random.fold_in(key, 1)
+        schedule = variational.init_schedule_params(schedule_key, num_hidden, dtype=jnp.float32)
+        return {"denoiser": network, "schedule": schedule}
 
     def param_count(self) -> int:
-        shapes = jax.eval_shape(
-            self.model.init,
-            jax.random.PRNGKey(0),
-            np.zeros((1, *self.data_shape), np.float32),
-            np.zeros((1,), np.float32),
-        )
+        shapes = jax.eval_shape(self.init_params, jax.random.PRNGKey(0))
         return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(shapes)))
 
+    def denoiser_for(self, params: Any) -> Denoiser:
+        """The network with ``params`` as a ``Denoiser``; with a learned schedule its process is the
+        schedule of ``params['schedule']`` (e.g. the EMA parameters of a checkpoint)."""
+        if not self.learned_schedule:
+            return self.denoiser.replace(params=params)
+        process = dataclasses.replace(self.process, params=params["schedule"])
+        return self.denoiser.replace(params=params["denoiser"], process=process)
+
+    def predictor(self, params: Any) -> DenoiserViews:
+        """The (eps, x0) predictions of ``params``, what samplers, likelihoods and metrics use: the
+        ``Denoiser``, or for a learned-variance network (2C outputs) a ``ReverseModel`` of it."""
+        denoiser = self.denoiser_for(params)
+        if self.learned_variance:
+            return ReverseModel(denoiser=denoiser, variance="learned")
+        return denoiser
+
+    def reverse_model(
+        self,
+        params: Any,
+        variance: str | None = None,
+        eps_sq_norm: EpsSqNormTable | None = None,
+    ) -> ReverseModel:
+        """The network with its reverse kernels (diffusion.variational.ReverseModel) under rule
+        ``variance`` (default: sampling.reverse_variance, else model.variance); 'analytic' needs the
+        table (times, Gamma_t) of ``analytic_times`` (experiments.sample.load_or_estimate_eps_sq_norm)."""
+        rule = variance or self.sampling.reverse_variance or self.variance
+        times, values = (None, None) if eps_sq_norm is None else eps_sq_norm
+        if rule == "analytic" and eps_sq_norm is None:
+            raise ValueError(
+                "the 'analytic' variance needs Gamma_t: pass eps_sq_norm "
+                "(experiments.sample.load_or_estimate_eps_sq_norm)"
+            )
+        lo, hi = self.data_range
+        return ReverseModel(
+            denoiser=self.denoiser_for(params),
+            variance=rule,
+            eps_sq_norm=None if values is None else jnp.asarray(values, jnp.float32),
+            eps_sq_norm_times=None if times is None else jnp.asarray(times, jnp.float32),
+            # Bao et al. 2022, Thm. 2: E Var[x_0 | x_t] <= ((hi - lo)/2)^2 for data in [lo, hi].
+            max_x0_variance=None if self.is_toy else ((hi - lo) / 2.0) ** 2,
+            outputs_variance=self.learned_variance,
+        )
+
+    def analytic_times(self) -> np.ndarray:
+        """The times of the analytic variance's Gamma table: the chain (discrete processes) or
+        eval.analytic_num_times uniform times on [t_min, T]; Gamma is interpolated between them."""
+        if self.process.is_discrete:
+            return np.asarray(self.process.chain_times, np.float64)
+        return np.linspace(self.process.t_min, self.process.T, self.eval.analytic_num_times)
+
     # ------------------------------------------------------------------------- sampling
+    def sampling_labels(self, num: int) -> np.ndarray | None:
+        """(num,) labels of sampling.labels grouped by class (one grid row per class), or None when
+        sampling is unconditional and unguided."""
+        if self.label_classes is None:
+            return None
+        spec = _label_spec(self.sampling.labels)
+        return guidance.sampling_labels(spec, self.label_classes, num)
+
+    def uses_model_variance(self, method: str | None = None, options: dict | None = None) -> bool:
+        """Whether sampler ``method`` with ``options`` (default: the configured ones) draws from the
+        model's own reverse kernels (ancestral with variance='model')."""
+        method = method or self.sampling.method
+        options = self.sampling.options_of(method) if options is None else options
+        return method == "ancestral" and options.get("variance") == "model"
+
+    def needs_eps_sq_norm(self, method: str | None = None, options: dict | None = None) -> bool:
+        """Whether sampling needs the analytic variance's Gamma table."""
+        rule = self.sampling.reverse_variance or self.variance
+        return self.uses_model_variance(method, options) and rule == "analytic"
+
+    def guided(
+        self,
+        denoiser: DenoiserViews,
+        labels: Any = None,
+        *,
+        guidance_scale: float | None = None,
+        classifier: guidance.Classifier | None = None,
+        known: Any = None,
+    ) -> DenoiserViews:
+        """``denoiser`` wrapped for conditional sampling (diffusion.guidance): classifier-free
+        guidance of a conditional model at ``guidance_scale`` (default sampling.guidance_scale, with
+        sampling.guidance_interval and guidance_rescale), then classifier guidance at
+        sampling.classifier_scale when a ``classifier`` is given, then inpainting of ``known`` values
+        (the mask of sampling.inpaint_mask) when given."""
+        sampling = self.sampling
+        if self.num_classes is not None:
+            scale = sampling.guidance_scale if guidance_scale is None else guidance_scale
+            interval = sampling.guidance_interval
+            denoiser = guidance.ClassifierFreeGuidance(
+                denoiser=denoiser,
+                labels=jnp.asarray(labels, jnp.int32),
+                guidance_scale=float(scale),
+                num_classes=self.num_classes,
+                interval=None if interval is None else tuple(float(v) for v in interval),
+                rescale=float(sampling.guidance_rescale),
+            )
+        if classifier is not None:
+            denoiser = guidance.ClassifierGuidance(
+                denoiser=denoiser,
+                classifier=classifier,
+                labels=jnp.asarray(labels, jnp.int32),
+                classifier_scale=float(sampling.classifier_scale),
+            )
+        if known is not None:
+            denoiser = guidance.Inpainting(
+                denoiser=denoiser, known=jnp.asarray(known), mask=jnp.asarray(self.inpaint_mask())
+            )
+        return denoiser
+
+    def inpaint_mask(self) -> np.ndarray:
+        """The known-part mask of sampling.inpaint_mask for one example (True where known)."""
+        if self.sampling.inpaint_mask is None:
+            raise ValueError("config.sampling.inpaint_mask is not set")
+        return guidance.inpainting_mask(self.sampling.inpaint_mask, self.data_shape)
+
+    def evaluations_per_call(self) -> int:
+        """Network evaluations per sampler call of the configured wrappers (2 with classifier-free
+        guidance: conditional and unconditional, one pass on a doubled batch)."""
+        labels = np.zeros((1,), np.int32) if self.label_classes is not None else None
+        return guidance.evaluations_per_call(self.guided(self.denoiser, labels))
+
     def sample(
         self,
         params: Any,
         key: jax.Array,
         num: int,
         *,
+        labels: Any = None,
+        known: Any = None,
+        guidance_scale: float | None = None,
+        classifier: guidance.Classifier | None = None,
+        eps_sq_norm: EpsSqNormTable | None = None,
         method: str | None = None,
         num_steps: int | None = None,
         grid: str | None = None,
         options: dict | None = None,
     ) -> samplers.SampleResult:
-        """``num`` samples from the EMA ``params`` with the configured (or overridden) sampler."""
+        """``num`` samples from the EMA ``params`` with the configured (or overridden) sampler.
+
+        A conditional model samples ``labels`` (default ``sampling_labels(num)``) with classifier-free
+        guidance; ``classifier`` adds classifier guidance; ``known`` ((num, *data_shape) values)
+        inpaints the sampling.inpaint_mask region (RePaint's resampling with sampling.inpaint_*), and
+        the result has the known values pasted in. Ancestral sampling with variance='model' draws
+        from ``reverse_model`` (``eps_sq_norm``: the analytic variance's table). ``nfe`` counts
+        sampler calls; network evaluations are nfe x ``evaluations_per_call()``.
+        """
         sampling = self.sampling
         method = method or sampling.method
-        return samplers.sample(
-            method,
-            self.denoiser.replace(params=params),
-            key,
-            (num, *self.data_shape),
-            grid=grid or sampling.grid,
-            num_steps=num_steps or sampling.num_steps,
-            t_end=sampling.t_end,
-            rho=float(sampling.rho),
-            denoise_final=bool(sampling.denoise_final),
-            **(sampling.options_of(method) if options is None else options),
+        options = sampling.options_of(method) if options is None else dict(options)
+        if self.uses_model_variance(method, options):
+            base = self.reverse_model(params, eps_sq_norm=eps_sq_norm)
+        else:
+            base = self.predictor(params)
+        if labels is None:
+            labels = self.sampling_labels(num)
+        denoiser = self.guided(
+            base, labels, guidance_scale=guidance_scale, classifier=classifier, known=known
         )
+        grid = grid or sampling.grid
+        num_steps = num_steps or sampling.num_steps
+        if known is not None and sampling.repaints:
+            times = samplers.time_grid(
+                denoiser.process, grid, num_steps, t_end=sampling.t_end, rho=float(sampling.rho)
+            )
+            prior_key, key = jax.random.split(key)
+            x_init = denoiser.process.prior_sample(prior_key, (num, *self.data_shape))
+            result = guidance.repaint(
+                method,
+                denoiser,
+                key,
+                x_init,
+                times,
+                jump_length=sampling.inpaint_jump_length,
+                resamplings=sampling.inpaint_resamplings,
+                denoise_final=bool(sampling.denoise_final),
+                **options,
+            )
+        else:
+            result = samplers.sample(
+                method,
+                denoiser,
+                key,
+                (num, *self.data_shape),
+                grid=grid,
+                num_steps=num_steps,
+                t_end=sampling.t_end,
+                rho=float(sampling.rho),
+                denoise_final=bool(sampling.denoise_final),
+                **options,
+            )
+        if known is not None:
+            result = result.replace(samples=denoiser.paste(result.samples))
+        return result
 
     # ------------------------------------------------------------------------- data
     def data_source(self) -> Callable[[int], dict[str, np.ndarray]]:
@@ -300,8 +523,20 @@ def _data_shape(config: ml_collections.ConfigDict) -> tuple[tuple[int, ...], boo
 
 
 def _process(config: ml_collections.ConfigDict) -> Process:
+    """The process; process.name='learned' is a LearnedSchedule template (linear until trained)."""
     fields = dict(config.process)
     name = fields.pop("name")
+    accepted = (*PROCESSES, LEARNED_PROCESS)
+    _require(name in accepted, "process.name", f"{name!r} is not one of {', '.join(accepted)}")
+    if name == LEARNED_PROCESS:
+        num_hidden = int(fields.pop("num_hidden", 1024))
+        return _wrap(
+            "process",
+            lambda: LearnedSchedule(
+                params=variational.linear_schedule_params(num_hidden, jnp.float32),
+                **{key: float(value) for key, value in fields.items()},
+            ),
+        )
     return _wrap("process", lambda: make_process(name, **fields))
 
 
@@ -360,6 +595,8 @@ def _model(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], is_to
             skip_rescale=bool(model_config.skip_rescale),
             num_classes=model_config.num_classes,
             scale_by_sigma=bool(model_config.scale_by_sigma),
+            # A learned variance: the prediction and v per channel (Nichol & Dhariwal 2021).
+            out_channels=2 * data_shape[-1] if model_config.variance == "learned" else None,
         ),
     )
 
@@ -449,16 +686,285 @@ def _check_sampling(config: ml_collections.ConfigDict, process: Process) -> None
         _require(int(sampling[key]) >= 1, f"sampling.{key}", f"must be >= 1, got {sampling[key]!r}")
 
 
+def _label_spec(text: Any) -> str | list[int]:
+    """sampling.labels as guidance.sampling_labels takes it: 'all' or a list of ints."""
+    text = str(text).strip()
+    if text == "all":
+        return "all"
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(
+            f"config.sampling.labels: {text!r} is not 'all', a label ('3') or a list ('0,4,7')"
+        ) from None
+
+
+def _vlb_decoder(config: ml_collections.ConfigDict, is_toy: bool) -> str:
+    """Ho et al. 2020's discretised decoder for 8-bit images in [-1, 1]; a Gaussian density for
+    continuous (toy or dequantised) data."""
+    if is_toy or config.data.dequantize:
+        return "gaussian"
+    return "discretized_gaussian"
+
+
+def _check_variance(config: ml_collections.ConfigDict, is_toy: bool) -> None:
+    """model.variance, the losses of diffusion.variational, sampling.reverse_variance, eval.vlb."""
+    variance, train = config.model.variance, config.training
+    weighting = train.weighting
+    accepted = variational.VARIANCES
+    _require(
+        variance in accepted, "model.variance", f"{variance!r} is not one of {', '.join(accepted)}"
+    )
+    if variance == "learned":
+        _require(
+            not is_toy,
+            "model.variance",
+            "'learned' needs the U-Net's 2C output channels; the toy MLP outputs C",
+        )
+        _require(
+            weighting == "hybrid",
+            "model.variance",
+            f"'learned' is trained by training.weighting='hybrid', got {weighting!r}",
+        )
+    if weighting == "hybrid":
+        _require(
+            variance == "learned",
+            "training.weighting",
+            f"'hybrid' trains a learned variance: set model.variance='learned' (got {variance!r})",
+        )
+    if config.process.name == LEARNED_PROCESS:
+        _require(
+            weighting == "vlb",
+            "process.name",
+            "the 'learned' schedule is trained by its VLB: set training.weighting='vlb' "
+            f"(got {weighting!r})",
+        )
+    if weighting in VLB_WEIGHTINGS:
+        _require(
+            float(train.lambda_vlb) >= 0,
+            "training.lambda_vlb",
+            f"must be >= 0, got {train.lambda_vlb!r}",
+        )
+        _require(
+            float(train.label_dropout) == 0.0,
+            "training.label_dropout",
+            f"is a DenoisingLoss option; training.weighting={weighting!r} has none",
+        )
+    _require(
+        int(train.vdm_num_steps) >= 0,
+        "training.vdm_num_steps",
+        f"must be >= 0 (0: continuous time), got {train.vdm_num_steps!r}",
+    )
+    rule = config.sampling.reverse_variance
+    if rule is not None:
+        _require(
+            rule in accepted,
+            "sampling.reverse_variance",
+            f"{rule!r} is not one of {', '.join(accepted)}",
+        )
+        _require(
+            rule != "learned" or variance == "learned",
+            "sampling.reverse_variance",
+            "'learned' needs a learned-variance network (model.variance='learned')",
+        )
+    needs_images_in_unit_range = weighting in VLB_WEIGHTINGS or config.eval.vlb
+    if needs_images_in_unit_range and not is_toy and not config.data.dequantize:
+        _require(
+            bool(config.data.centered),
+            "data.centered",
+            "the discretised decoder of the variational bound (training.weighting "
+            f"{weighting!r}, eval.vlb) bins 8-bit data in [-1, 1]: set data.centered=True "
+            "(or data.dequantize=True for a Gaussian decoder)",
+        )
+    evaluation = config.eval
+    for key, low in (("vlb_num_examples", 1), ("vlb_num_terms", 0), ("analytic_num_batches", 1)):
+        _require(
+            int(evaluation[key]) >= low, f"eval.{key}", f"must be >= {low}, got {evaluation[key]!r}"
+        )
+    _require(
+        int(evaluation.analytic_num_times) >= 2,
+        "eval.analytic_num_times",
+        f"must be >= 2, got {evaluation.analytic_num_times!r}",
+    )
+
+
+def _check_conditioning(
+    config: ml_collections.ConfigDict, data_shape: tuple[int, ...], is_toy: bool
+) -> int | None:
+    """Labels, guidance and inpainting keys; returns the number of classes labels refer to."""
+    sampling, num_classes = config.sampling, config.model.num_classes
+    if num_classes is not None:
+        _require(
+            not is_toy,
+            "model.num_classes",
+            f"{num_classes} classes need labelled data, but data.dataset={config.data.dataset!r} "
+            "has no labels; use an image dataset or num_classes=None",
+        )
+        _require(
+            num_classes == IMAGE_CLASSES,
+            "model.num_classes",
+            f"{num_classes} does not match the {IMAGE_CLASSES} classes of "
+            f"data.dataset={config.data.dataset!r}",
+        )
+    dropout = float(config.training.label_dropout)
+    _require(0.0 <= dropout <= 1.0, "training.label_dropout", f"must be in [0, 1], got {dropout!r}")
+    _require(
+        dropout == 0.0 or num_classes is not None,
+        "training.label_dropout",
+        f"{dropout} needs a conditional model (model.num_classes): it trains the null label",
+    )
+    classifier_scale = float(sampling.classifier_scale)
+    _require(
+        math.isfinite(classifier_scale),
+        "sampling.classifier_scale",
+        f"must be finite, got {classifier_scale!r}",
+    )
+    if classifier_scale != 0.0:
+        _require(
+            not is_toy,
+            "sampling.classifier_scale",
+            f"classifier guidance needs labelled data; data.dataset={config.data.dataset!r} has none",
+        )
+        _require(
+            config.process.name != LEARNED_PROCESS,
+            "sampling.classifier_scale",
+            "a noise-conditional classifier of a learned schedule is not supported",
+        )
+        for key in ("steps", "batch_size", "num_blocks"):
+            value = sampling[f"noisy_classifier_{key}"]
+            _require(
+                int(value) >= 1, f"sampling.noisy_classifier_{key}", f"must be >= 1, got {value!r}"
+            )
+    label_classes = num_classes
+    if label_classes is None and classifier_scale != 0.0:
+        label_classes = IMAGE_CLASSES
+    spec = _label_spec(sampling.labels)
+    if label_classes is None:
+        _require(
+            spec == "all",
+            "sampling.labels",
+            f"{sampling.labels!r} needs a conditional model (model.num_classes) or classifier "
+            "guidance (sampling.classifier_scale != 0)",
+        )
+    else:
+        _wrap("sampling.labels", lambda: guidance.sampling_labels(spec, label_classes, 1))
+    unconditional = "needs a conditional model (model.num_classes)"
+    scale = float(sampling.guidance_scale)
+    _require(math.isfinite(scale), "sampling.guidance_scale", f"must be finite, got {scale!r}")
+    if num_classes is None:
+        _require(scale == 1.0, "sampling.guidance_scale", f"{scale} {unconditional}")
+        _require(
+            float(sampling.guidance_rescale) == 0.0, "sampling.guidance_rescale", unconditional
+        )
+        _require(sampling.guidance_interval is None, "sampling.guidance_interval", unconditional)
+        _require(
+            tuple(config.eval.guidance_scales) == (1.0,),
+            "eval.guidance_scales",
+            f"{tuple(config.eval.guidance_scales)} {unconditional}",
+        )
+    _require(
+        0.0 <= float(sampling.guidance_rescale) <= 1.0,
+        "sampling.guidance_rescale",
+        f"must be in [0, 1], got {sampling.guidance_rescale!r}",
+    )
+    interval = sampling.guidance_interval
+    if interval is not None:
+        valid = len(interval) == 2 and all(math.isfinite(float(v)) for v in interval)
+        _require(
+            valid and 0.0 <= float(interval[0]) < float(interval[1]),
+            "sampling.guidance_interval",
+            f"must be (low, high) noise levels sigma/alpha with 0 <= low < high, got {interval!r}",
+        )
+    scales = tuple(config.eval.guidance_scales)
+    _require(
+        len(scales) >= 1 and all(math.isfinite(float(w)) for w in scales),
+        "eval.guidance_scales",
+        f"must be one or more finite numbers, got {scales!r}",
+    )
+    if sampling.inpaint_mask is not None:
+        _wrap(
+            "sampling.inpaint_mask",
+            lambda: guidance.inpainting_mask(sampling.inpaint_mask, data_shape),
+        )
+    for key in ("inpaint_resamplings", "inpaint_jump_length"):
+        _require(int(sampling[key]) >= 1, f"sampling.{key}", f"must be >= 1, got {sampling[key]!r}")
+    jump = int(sampling.inpaint_jump_length)
+    _require(
+        int(sampling.num_steps) % jump == 0,
+        "sampling.inpaint_jump_length",
+        f"{jump} must divide sampling.num_steps={sampling.num_steps} (RePaint's blocks)",
+    )
+    options = _sampler_options(sampling.options, sampling.method)
+    if sampling.method == "ancestral" and options.get("variance") == "model":
+        wrapped = [
+            name
+            for name, used in (
+                ("model.num_classes", num_classes is not None),
+                ("sampling.classifier_scale", classifier_scale != 0.0),
+                ("sampling.inpaint_mask", sampling.inpaint_mask is not None),
+            )
+            if used
+        ]
+        _require(
+            not wrapped,
+            "sampling.options.ancestral.variance",
+            f"'model' draws from the network's own reverse kernels, which {', '.join(wrapped)} "
+            "would change; use 'beta_tilde' or 'beta'",
+        )
+    return label_classes
+
+
+def _loss(config: ml_collections.ConfigDict, denoiser: Denoiser, is_toy: bool):
+    """DenoisingLoss, or a loss of diffusion.variational for training.weighting 'hybrid' / 'vlb'."""
+    train, num_classes = config.training, config.model.num_classes
+    decoder = _vlb_decoder(config, is_toy)
+    if train.weighting == "hybrid":
+        return _wrap(
+            "training",
+            lambda: variational.HybridLoss(
+                denoiser=denoiser,
+                decoder=decoder,
+                lambda_vlb=float(train.lambda_vlb),
+                num_classes=num_classes,
+            ),
+        )
+    if train.weighting == "vlb":
+        return _wrap(
+            "training",
+            lambda: variational.VDMLoss(
+                denoiser=denoiser,
+                train_schedule=isinstance(denoiser.process, LearnedSchedule),
+                num_steps=int(train.vdm_num_steps),
+                decoder=decoder,
+                num_classes=num_classes,
+            ),
+        )
+    return _wrap(
+        "training",
+        lambda: losses.DenoisingLoss(
+            denoiser=denoiser,
+            weighting=train.weighting,
+            time_sampling=train.time_sampling,
+            reduction=train.reduction,
+            min_snr_gamma=float(train.min_snr_gamma),
+            num_classes=num_classes,
+            label_dropout=float(train.label_dropout),
+        ),
+    )
+
+
 def build(config: ml_collections.ConfigDict) -> Experiment:
     """Validate ``config`` (ConfigError naming the key) and build the experiment's objects."""
     data_shape, is_toy = _data_shape(config)
-    _require(
-        config.model.num_classes is None or not is_toy,
-        "model.num_classes",
-        f"{config.model.num_classes} classes need labelled data, but data.dataset="
-        f"{config.data.dataset!r} has no labels; use an image dataset or num_classes=None",
-    )
+    label_classes = _check_conditioning(config, data_shape, is_toy)
+    _check_variance(config, is_toy)
     process = _process(config)
+    _require(
+        not (config.eval.vlb and not process.is_discrete and int(config.eval.vlb_num_terms) == 0),
+        "eval.vlb_num_terms",
+        f"0 (every term) needs a discrete chain; the bound of {type(process).__name__} is a Monte "
+        "Carlo estimate over t: give the number of time samples per example (>= 1)",
+    )
     model = _model(config, data_shape, is_toy)
     denoiser = _wrap(
         "model",
@@ -471,18 +977,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
             sigma_data=float(config.model.sigma_data),
         ),
     )
-    train = config.training
-    loss = _wrap(
-        "training",
-        lambda: losses.DenoisingLoss(
-            denoiser=denoiser,
-            weighting=train.weighting,
-            time_sampling=train.time_sampling,
-            reduction=train.reduction,
-            min_snr_gamma=float(train.min_snr_gamma),
-            num_classes=config.model.num_classes,
-        ),
-    )
+    loss = _loss(config, denoiser, is_toy)
     _check_training(config)
     learning_rate_fn, optimizer = _optimizer(config)
     _check_sampling(config, process)
@@ -491,6 +986,19 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         "eval.feature_extractor",
         f"{config.eval.feature_extractor!r} is not one of {', '.join(FEATURE_EXTRACTORS)}",
     )
+    classifier_module = None
+    if float(config.sampling.classifier_scale) != 0.0:
+        sampling = config.sampling
+        classifier_module = _wrap(
+            "sampling",
+            lambda: NoisyClassifier(
+                num_classes=label_classes,
+                channels=tuple(int(c) for c in sampling.noisy_classifier_channels),
+                num_blocks=int(sampling.noisy_classifier_num_blocks),
+                embedding_type=config.model.embedding_type,
+                fourier_scale=float(config.model.fourier_scale),
+            ),
+        )
     sampler_options = {name: dict(options) for name, options in config.sampling.options.items()}
     return Experiment(
         record=json.loads(config_to_json(config)),
@@ -510,4 +1018,9 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         training=_settings(TrainingSettings, config.training),
         sampling=_settings(SamplingSettings, config.sampling, options=sampler_options),
         eval=_settings(EvalSettings, config.eval),
+        num_classes=config.model.num_classes,
+        label_classes=label_classes,
+        variance=config.model.variance,
+        vlb_decoder=_vlb_decoder(config, is_toy),
+        classifier_module=classifier_module,
     )

@@ -11,6 +11,13 @@ For toy data: the loss on fresh data, sliced Wasserstein-2 of samples to fresh d
 two-sample noise floor at the same size, and for oracle presets the exact mean log-likelihood of the
 samples under the data distribution and the ODE log-likelihood of fresh data against its exact value.
 
+For a conditional model (or classifier guidance): the conditioning accuracy, the fraction of samples
+that the in-project classifier assigns to the requested label, and for each classifier-free guidance
+scale w of eval.guidance_scales the accuracy and FD of samples at w (keys ``..._w<w>``). With
+eval.vlb: bits/dim of test data from the variational bound (diffusion.variational) under each
+reverse-variance rule (``bpd_vlb_<rule>``; ``bpd_vlb`` the model's own), beside the ODE's
+``bits_per_dim``.
+
 Cached in DIR/eval/: the trained classifier (classifier_<dataset>.msgpack, with its test accuracy in
 classifier_<dataset>.json) and the reference features of the real data (features_<dataset>_<split>_
 <extractor>.npz), so a second evaluation does not repeat them.
@@ -18,29 +25,28 @@ classifier_<dataset>.json) and the reference features of the real data (features
 
 from __future__ import annotations
 
-import json
+import functools
 import os
-import time
 from typing import Any
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from diffusion import data, likelihood, metrics, oracle
-from diffusion.images import save_image_grid, save_scatter_png, write_atomically
+from diffusion import data, likelihood, metrics, oracle, variational
+from diffusion.images import save_scatter_png, write_atomically
 from diffusion.models import classifier
 from experiments.build import Experiment, Stream
-from experiments.sample import draw_samples
+from experiments.caching import cached, write_json
+from experiments.sample import (
+    draw_samples,
+    load_or_estimate_eps_sq_norm,
+    sampling_inputs,
+    save_grid,
+)
 from experiments.workdir import restore_ema_params
 
 __all__ = ["evaluate", "load_or_train_classifier"]
-
-
-def _write_json(path: str, record: dict[str, Any]) -> None:
-    text = json.dumps(record, indent=2, sort_keys=True).encode()
-    write_atomically(path, lambda file: file.write(text))
 
 
 # ----------------------------------------------------------------------------- the classifier
@@ -50,13 +56,7 @@ def load_or_train_classifier(experiment: Experiment, eval_dir: str) -> tuple[Any
     Trained once on the training split (in [-1, 1]) and cached in ``eval_dir`` (created if needed),
     keyed by its settings (``experiment.eval.classifier_*``, seed): other settings train a new one.
     """
-    os.makedirs(eval_dir, exist_ok=True)
     dataset = experiment.data.dataset
-    params_path = os.path.join(eval_dir, f"classifier_{dataset}.msgpack")
-    info_path = os.path.join(eval_dir, f"classifier_{dataset}.json")
-    train_split, test_split = experiment.load_split("train"), experiment.load_split("test")
-    train_images = data.uint8_to_float(train_split.images, (-1.0, 1.0))
-    test_images = data.uint8_to_float(test_split.images, (-1.0, 1.0))
     eval_settings = experiment.eval
     settings = dict(
         steps=eval_settings.classifier_steps,
@@ -66,29 +66,20 @@ def load_or_train_classifier(experiment: Experiment, eval_dir: str) -> tuple[Any
         weight_decay=float(eval_settings.classifier_weight_decay),
         seed=experiment.seed,
     )
-    if os.path.exists(params_path) and os.path.exists(info_path):
-        with open(info_path) as file:
-            info = json.load(file)
-        if info.get("settings") == settings:
-            with open(params_path, "rb") as file:
-                params = flax.serialization.msgpack_restore(file.read())
-            return params, float(info["test_accuracy"])
-    start = time.perf_counter()
-    params = classifier.train_classifier(
-        train_images, train_split.labels, num_classes=train_split.num_classes, **settings
-    )
-    accuracy = classifier.classifier_accuracy(params, test_images, test_split.labels)
-    payload = flax.serialization.to_bytes(params)
-    write_atomically(params_path, lambda file: file.write(payload))
-    record = {
-        "dataset": dataset,
-        "settings": settings,
-        "test_accuracy": accuracy,
-        "train_seconds": time.perf_counter() - start,
-    }
-    _write_json(info_path, record)
-    print(f"trained the {dataset} classifier: test accuracy {accuracy:.4f}")
-    return params, accuracy
+
+    def train():
+        train_split, test_split = experiment.load_split("train"), experiment.load_split("test")
+        train_images = data.uint8_to_float(train_split.images, (-1.0, 1.0))
+        test_images = data.uint8_to_float(test_split.images, (-1.0, 1.0))
+        params = classifier.train_classifier(
+            train_images, train_split.labels, num_classes=train_split.num_classes, **settings
+        )
+        accuracy = classifier.classifier_accuracy(params, test_images, test_split.labels)
+        print(f"trained the {dataset} classifier: test accuracy {accuracy:.4f}")
+        return params, {"dataset": dataset, "test_accuracy": accuracy}
+
+    params, info = cached(eval_dir, f"classifier_{dataset}", settings, train)
+    return params, float(info["test_accuracy"])
 
 
 def _centered(experiment: Experiment, images: np.ndarray) -> np.ndarray:
@@ -174,7 +165,7 @@ def _test_loss(experiment: Experiment, params, key) -> float:
 def _bits_per_dim(experiment: Experiment, params, key) -> dict[str, float]:
     test = experiment.load_split("test")
     images = test.images[: experiment.eval.bpd_num_examples]
-    denoiser = experiment.denoiser.replace(params=params)
+    denoiser = experiment.predictor(params)
     values, nfes = [], []
     batch_size = experiment.eval.batch_size
     for index, start in enumerate(range(0, len(images), batch_size)):
@@ -221,13 +212,146 @@ def _toy_metrics(experiment: Experiment, params, samples: np.ndarray, key) -> di
             jnp.mean(truth.log_prob(experiment.process, jnp.asarray(fresh(1, num)), t0))
         )
         points = jnp.asarray(fresh(2, 256))
-        denoiser = experiment.denoiser.replace(params=params)
-        result = likelihood.ode_log_likelihood(denoiser, points, key)
+        result = likelihood.ode_log_likelihood(experiment.predictor(params), points, key)
         record["ode_log_prob_per_dim"] = float(jnp.mean(result.log_prob)) / truth.dim
         record["exact_log_prob_per_dim"] = (
             float(jnp.mean(truth.log_prob(experiment.process, points, t0))) / truth.dim
         )
         record["ode_nfe"] = int(result.nfe)
+    return record
+
+
+def _feature_metrics(
+    generated: np.ndarray, reference: np.ndarray, extractor: str, *, kid: bool = True
+) -> dict[str, float]:
+    """FD (and KID) of generated features against reference features, keys named by extractor."""
+    stats_gen = metrics.feature_statistics(generated)
+    stats_ref = metrics.feature_statistics(reference)
+    record = {
+        f"fd_{extractor}": metrics.frechet_distance(
+            stats_gen.mean, stats_gen.covariance, stats_ref.mean, stats_ref.covariance
+        )
+    }
+    if kid:
+        subset = min(1000, len(generated), len(reference))
+        kid_mean, kid_std = metrics.kernel_inception_distance(
+            generated, reference, subset_size=subset, num_subsets=20, seed=0
+        )
+        record.update({f"kid_{extractor}": kid_mean, f"kid_{extractor}_std": kid_std})
+    return record
+
+
+def _conditioning_accuracy(
+    experiment: Experiment, classifier_params, samples: np.ndarray, labels: np.ndarray
+) -> float:
+    """Fraction of samples that the in-project classifier assigns to their requested label."""
+    logits, _ = classifier.classifier_logits_and_features(
+        classifier_params, _centered(experiment, samples)
+    )
+    return float(np.mean(logits.argmax(axis=1) == labels))
+
+
+def _vlb_data(experiment: Experiment) -> np.ndarray:
+    """The data the bound is evaluated on: test images (uniformly dequantised when the run trains on
+    dequantised data) or fresh toy points, eval.vlb_num_examples of them."""
+    num = experiment.eval.vlb_num_examples
+    if experiment.is_toy:
+        return data.toy_batch(
+            experiment.data.dataset, step=0, batch_size=num, seed=experiment.seed + 3
+        )
+    images = experiment.load_split("test").images[:num]
+    noise = None
+    if experiment.data.dequantize:
+        noise = np.random.default_rng(experiment.seed).random(images.shape, np.float32)
+    return data.uint8_to_float(images, experiment.data_range, dequantization_noise=noise)
+
+
+def _vlb_rules(experiment: Experiment) -> tuple[tuple[str, ...], str]:
+    """(the variance rules the bound is evaluated with, the model's own rule).
+
+    A discrete chain: fixed small, fixed large, learned (a learned-variance network only) and
+    analytic. A continuous process: the continuous bound, in which only the decoder's variance
+    remains ('fixed_large' or 'analytic'; the others need a next chain time).
+    """
+    if experiment.process.is_discrete:
+        rules = ("fixed_small", "fixed_large", "learned", "analytic")
+        rules = tuple(r for r in rules if r != "learned" or experiment.learned_variance)
+        return rules, experiment.variance
+    own = experiment.variance if experiment.variance in variational.CHAIN_FREE_VARIANCES else None
+    return variational.CHAIN_FREE_VARIANCES, own or "fixed_large"
+
+
+@functools.partial(jax.jit, static_argnames=("decoder", "num_terms", "continuous"))
+def _vlb_nats(model, x0, key, *, decoder: str, num_terms: int | None, continuous: bool):
+    """(total, prior, decoder term L_0 or NaN) per example (nats)."""
+    if continuous:
+        estimate = variational.continuous_vlb(
+            model, x0, key, decoder=decoder, num_time_samples=num_terms, time_sampling="importance"
+        )
+        return estimate.total, estimate.prior, estimate.reconstruction
+    estimate = variational.discrete_vlb(model, x0, key, decoder=decoder, num_terms=num_terms)
+    reconstruction = (
+        estimate.terms[:, 0] if num_terms is None else jnp.full_like(estimate.total, jnp.nan)
+    )
+    return estimate.total, estimate.prior, reconstruction
+
+
+def _vlb_bits_per_dim(
+    experiment: Experiment, params, key: jax.Array, workdir: str, step: int
+) -> dict[str, Any]:
+    """Bits/dim from the variational bound under each rule of ``_vlb_rules`` (Ho et al. 2020,
+    eq. 5 with their discretised decoder; Kingma et al. 2021 in continuous time), every rule with
+    the same noise and term draws (common random numbers), in batches of eval.batch_size."""
+    settings = experiment.eval
+    continuous = not experiment.process.is_discrete
+    num_terms = settings.vlb_num_terms or None
+    rules, own = _vlb_rules(experiment)
+    table = load_or_estimate_eps_sq_norm(experiment, workdir, params, step)
+    x0 = _vlb_data(experiment)
+    dim = int(np.prod(x0.shape[1:]))
+    decoder = experiment.vlb_decoder
+    data_range = (
+        experiment.data_range if (decoder == "gaussian" and not experiment.is_toy) else None
+    )
+
+    def bits(nats):
+        return np.asarray(variational.vlb_bits_per_dim(nats, dim, decoder, data_range))
+
+    record: dict[str, Any] = {"vlb_decoder": decoder, "vlb_num_examples": len(x0)}
+    batch_size = settings.batch_size
+    for rule in rules:
+        model = experiment.reverse_model(params, variance=rule, eps_sq_norm=table)
+        parts = []
+        for index, start in enumerate(range(0, len(x0), batch_size)):
+            outputs = _vlb_nats(
+                model,
+                jnp.asarray(x0[start : start + batch_size]),
+                jax.random.fold_in(key, index),
+                decoder=decoder,
+                num_terms=num_terms,
+                continuous=continuous,
+            )
+            parts.append([np.asarray(value) for value in outputs])
+        total, prior, reconstruction = (
+            np.concatenate(column) for column in zip(*parts, strict=True)
+        )
+        values = bits(total)
+        record[f"bpd_vlb_{rule}"] = float(values.mean())
+        record[f"bpd_vlb_{rule}_stderr"] = (
+            float(values.std(ddof=1) / np.sqrt(len(values))) if len(values) > 1 else 0.0
+        )
+        if rule == own:
+            record["bpd_vlb"] = record[f"bpd_vlb_{rule}"]
+            record["bpd_vlb_rule"] = rule
+            record["bpd_vlb_prior"] = float(bits(prior).mean())
+            if np.all(np.isfinite(reconstruction)):
+                record["bpd_vlb_decoder"] = float(bits(reconstruction).mean())
+    if continuous:
+        record["vlb_num_terms"] = int(num_terms) + 1  # time samples + the decoder
+    else:
+        record["vlb_num_terms"] = (
+            len(experiment.process.chain_times) if num_terms is None else num_terms
+        )
     return record
 
 
@@ -240,7 +364,9 @@ def evaluate(experiment: Experiment, workdir: str, *, checkpoint_step: int | Non
         experiment.load_split("test")  # a missing dataset stops the run before anything is written
     eval_dir = os.path.join(workdir, "eval")
     os.makedirs(eval_dir, exist_ok=True)
-    sample_key, loss_key, bpd_key, toy_key = jax.random.split(experiment.key(Stream.EVAL), 4)
+    sample_key, loss_key, bpd_key, toy_key, vlb_key = jax.random.split(
+        experiment.key(Stream.EVAL), 5
+    )
     record: dict[str, Any] = {
         "config": os.path.join(workdir, "config.json"),
         "step": step,
@@ -248,48 +374,64 @@ def evaluate(experiment: Experiment, workdir: str, *, checkpoint_step: int | Non
         "grid": sampling.grid,
         "num_steps": sampling.num_steps,
     }
-    samples, nfe, seconds = draw_samples(
-        experiment,
-        params,
-        sample_key,
-        eval_settings.num_samples,
-        sampling.batch_size,
+    inputs = sampling_inputs(experiment, workdir, params, step)
+
+    def draw(**overrides):
+        return draw_samples(
+            experiment,
+            params,
+            sample_key,
+            eval_settings.num_samples,
+            sampling.batch_size,
+            **inputs,
+            **overrides,
+        )
+
+    drawn = draw()
+    samples, labels = drawn.samples, drawn.labels
+    record.update(
+        nfe=drawn.nfe,
+        network_evaluations=drawn.network_evaluations,
+        num_samples=len(samples),
+        sampling_seconds=drawn.seconds,
     )
-    record.update(nfe=nfe, num_samples=len(samples), sampling_seconds=seconds)
+    if labels is not None:
+        record["labels"] = sampling.labels
+        if experiment.num_classes is not None:
+            record["guidance_scale"] = sampling.guidance_scale
+        if experiment.classifier_module is not None:
+            record["classifier_scale"] = sampling.classifier_scale
     record["test_loss"] = _test_loss(experiment, params, loss_key)
+    if eval_settings.vlb:
+        record.update(_vlb_bits_per_dim(experiment, params, vlb_key, workdir, step))
     if experiment.is_toy:
         record.update(_toy_metrics(experiment, params, samples, toy_key))
         save_scatter_png(
             os.path.join(eval_dir, "samples.png"), samples[:, :2], title=f"step {step}"
         )
     else:
-        save_image_grid(os.path.join(eval_dir, "samples.png"), samples[:100], experiment.data_range)
+        shown = slice(None) if labels is not None else slice(100)
+        save_grid(
+            os.path.join(eval_dir, "samples.png"),
+            samples[shown],
+            None if labels is None else labels[shown],
+            experiment.data_range,
+        )
         if eval_settings.bpd:
             record.update(_bits_per_dim(experiment, params, bpd_key))
         features_fn = _features_fn(experiment, eval_dir, record)
+        extractor = eval_settings.feature_extractor
+        reference = None
         if features_fn is not None:
-            extractor = eval_settings.feature_extractor
             reference = _reference_features(experiment, eval_dir, features_fn, "test")
-            generated = np.asarray(features_fn(samples))
-            stats_ref = metrics.feature_statistics(reference)
-            stats_gen = metrics.feature_statistics(generated)
-            record[f"fd_{extractor}"] = metrics.frechet_distance(
-                stats_gen.mean, stats_gen.covariance, stats_ref.mean, stats_ref.covariance
-            )
+            record.update(_feature_metrics(np.asarray(features_fn(samples)), reference, extractor))
             # The floor: as many real training images as samples, against the same test features.
             train_images = experiment.load_split("train").images
             chosen = np.random.default_rng(0).permutation(len(train_images))[: len(samples)]
             real = data.uint8_to_float(train_images[chosen], experiment.data_range)
-            stats_real = metrics.feature_statistics(np.asarray(features_fn(real)))
-            record[f"fd_{extractor}_train_data"] = metrics.frechet_distance(
-                stats_real.mean, stats_real.covariance, stats_ref.mean, stats_ref.covariance
-            )
-            subset = min(1000, len(generated), len(reference))
-            kid_mean, kid_std = metrics.kernel_inception_distance(
-                generated, reference, subset_size=subset, num_subsets=20, seed=0
-            )
-            record.update({f"kid_{extractor}": kid_mean, f"kid_{extractor}_std": kid_std})
-        if eval_settings.feature_extractor == "classifier":
+            floor = _feature_metrics(np.asarray(features_fn(real)), reference, extractor, kid=False)
+            record[f"fd_{extractor}_train_data"] = floor[f"fd_{extractor}"]
+        if eval_settings.feature_extractor == "classifier" or labels is not None:
             params_classifier, _ = load_or_train_classifier(experiment, eval_dir)
             logits, _ = classifier.classifier_logits_and_features(
                 params_classifier, _centered(experiment, samples)
@@ -301,7 +443,22 @@ def evaluate(experiment: Experiment, workdir: str, *, checkpoint_step: int | Non
                 class_chi_square=chi2.statistic,
                 class_chi_square_p_value=chi2.p_value,
             )
-    _write_json(os.path.join(eval_dir, "eval.json"), record)
+            if labels is not None:
+                record["conditioning_accuracy"] = float(np.mean(logits.argmax(axis=1) == labels))
+        if experiment.num_classes is not None:
+            # Classifier-free guidance scales: the same keys and labels, only w changes.
+            for scale in eval_settings.guidance_scales:
+                at_scale = drawn if scale == sampling.guidance_scale else draw(guidance_scale=scale)
+                suffix = f"_w{scale:g}"
+                record["conditioning_accuracy" + suffix] = _conditioning_accuracy(
+                    experiment, params_classifier, at_scale.samples, at_scale.labels
+                )
+                if reference is not None:
+                    fd = _feature_metrics(
+                        np.asarray(features_fn(at_scale.samples)), reference, extractor, kid=False
+                    )
+                    record[f"fd_{extractor}{suffix}"] = fd[f"fd_{extractor}"]
+    write_json(os.path.join(eval_dir, "eval.json"), record)
     shown = {k: v for k, v in record.items() if isinstance(v, float | int) and k != "step"}
     print(f"eval at step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in sorted(shown.items())))
     print(f"-> {os.path.join(eval_dir, 'eval.json')}")

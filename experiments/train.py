@@ -87,8 +87,14 @@ def _snapshot_fn(experiment: Experiment, writer: MetricWriter):
         truth = oracle.preset(experiment.data.dataset)
         reference = np.asarray(truth.sample(jax.random.key(0), num))
 
+    # The analytic variance's Gamma_t is estimated after training (experiments.sample); snapshots
+    # during training draw with beta-tilde instead.
+    options = None
+    if experiment.needs_eps_sq_norm():
+        options = {**experiment.sampling.options_of("ancestral"), "variance": "beta_tilde"}
+
     def sample_fn(ema_params, key):
-        return experiment.sample(ema_params, key, num).samples
+        return experiment.sample(ema_params, key, num, options=options).samples
 
     return training.make_snapshot_fn(
         sample_fn,

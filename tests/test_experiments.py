@@ -9,7 +9,7 @@ import os
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
-from conftest import write_mnist_like_idx
+from conftest import run_cli, write_mnist_like_idx
 
 from diffusion import data
 from diffusion.metric_writers import read_scalars
@@ -20,6 +20,7 @@ from experiments.evaluate import evaluate
 from experiments.sample import sample
 from experiments.sweep import sweep, sweep_markdown
 from experiments.train import train
+from experiments.workdir import restore_ema_params
 
 CONFIGS = run.available_configs()
 
@@ -218,3 +219,254 @@ def test_digits_dataset_is_what_vp_digits_trains_on():
     assert experiment.data_shape == (8, 8, 1)
     assert experiment.load_split("train").num_examples == 1497
     assert data.load_dataset("digits", "test").num_examples == 300
+
+
+# ------------------------------------------------------------------------------ conditional + VLB
+def set_keys(config, overrides: dict):
+    """``config`` with dotted keys set (e.g. {'sampling.labels': '3'})."""
+    for key, value in overrides.items():
+        section, field = key.rsplit(".", 1)
+        node = config
+        for part in section.split("."):
+            node = node[part]
+        node[field] = value
+    return config
+
+
+@pytest.mark.parametrize(
+    ("name", "overrides", "fragments"),
+    [
+        # Labels, guidance and inpainting (issue: conditional generation).
+        ("toy_vp", {"model.num_classes": 10}, ("config.model.num_classes", "has no labels")),
+        ("vp_digits_cond", {"sampling.labels": "12"}, ("config.sampling.labels", "label 12")),
+        ("vp_digits_cond", {"sampling.labels": "three"}, ("config.sampling.labels", "'all'")),
+        ("vp_digits_cond", {"model.num_classes": 5}, ("config.model.num_classes", "10 classes")),
+        ("vp_digits", {"sampling.labels": "3"}, ("config.sampling.labels", "conditional model")),
+        ("vp_digits", {"sampling.guidance_scale": 3.0}, ("config.sampling.guidance_scale",)),
+        ("vp_digits", {"training.label_dropout": 0.1}, ("config.training.label_dropout",)),
+        ("vp_digits", {"eval.guidance_scales": (1.0, 3.0)}, ("config.eval.guidance_scales",)),
+        (
+            "vp_digits_cond",
+            {"sampling.guidance_interval": (2.0, 1.0)},
+            ("config.sampling.guidance_interval", "low < high"),
+        ),
+        (
+            "vp_digits",
+            {"sampling.inpaint_mask": "donut"},
+            ("config.sampling.inpaint_mask", "donut"),
+        ),
+        ("vp_digits", {"sampling.inpaint_jump_length": 3}, ("inpaint_jump_length", "divide")),
+        ("toy_vp", {"sampling.classifier_scale": 1.0}, ("config.sampling.classifier_scale",)),
+        # Reverse variances, the hybrid and VDM losses, the bound (issue: the variational view).
+        ("ddpm_digits", {"model.variance": "wide"}, ("config.model.variance", "fixed_small")),
+        ("ddpm_digits", {"model.variance": "learned"}, ("config.model.variance", "hybrid")),
+        ("ddpm_digits", {"training.weighting": "hybrid"}, ("config.training.weighting", "learned")),
+        (
+            "vp_digits",
+            {"training.weighting": "hybrid", "model.variance": "learned"},
+            ("config.training", "continuous"),
+        ),
+        ("toy_vp", {"model.variance": "learned"}, ("config.model.variance", "MLP")),
+        (
+            "ddpm_digits",
+            {"sampling.reverse_variance": "learned"},
+            ("config.sampling.reverse_variance", "learned-variance"),
+        ),
+        ("vp_digits", {"process.name": "learned"}, ("config.process.name", "'vlb'")),
+        ("vp_digits", {"eval.vlb": True}, ("config.eval.vlb_num_terms", "discrete chain")),
+        ("smld_mnist", {"eval.vlb": True}, ("config.data.centered", "[-1, 1]")),
+        (
+            "ddpm_digits_vlb",
+            {"model.num_classes": 10},
+            ("config.sampling.options.ancestral.variance", "model.num_classes"),
+        ),
+        (
+            "ddpm_digits_vlb",
+            {"training.label_dropout": 0.1, "training.weighting": "hybrid"},
+            ("config.training.label_dropout",),
+        ),
+    ],
+)
+def test_conditional_and_variational_mistakes_name_the_key(name, overrides, fragments):
+    with pytest.raises(ConfigError) as info:
+        build(set_keys(load_config(name), overrides))
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+
+
+def test_guidance_doubles_the_network_evaluations_and_labels_are_grouped_by_class():
+    conditional = build(load_config("vp_digits_cond"))
+    assert conditional.evaluations_per_call() == 2  # conditional + unconditional per call
+    assert build(load_config("vp_digits")).evaluations_per_call() == 1
+    np.testing.assert_array_equal(conditional.sampling_labels(5), [0, 1, 2, 3, 4])
+    np.testing.assert_array_equal(conditional.sampling_labels(20), np.repeat(np.arange(10), 2))
+    chosen = build(set_keys(load_config("vp_digits_cond"), {"sampling.labels": "0,4,7"}))
+    np.testing.assert_array_equal(chosen.sampling_labels(7), [0, 0, 0, 4, 4, 7, 7])
+    assert build(load_config("vp_digits")).sampling_labels(4) is None
+
+
+@pytest.mark.slow
+def test_label_out_of_range_is_a_one_line_error_before_anything_is_built(tmp_path):
+    workdir = tmp_path / "never_created"
+    result = run_cli(
+        "--config=vp_digits_cond", f"--workdir={workdir}", "--config.sampling.labels=3,12"
+    )
+    assert result.returncode != 0
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "config.sampling.labels" in lines[0] and "label 12 is out of range" in lines[0]
+    assert not workdir.exists()
+
+
+def png_size(path: str) -> tuple[int, int]:
+    """(width, height) of a PNG, from its IHDR chunk (PNG spec: bytes 16-24, big-endian)."""
+    with open(path, "rb") as file:
+        header = file.read(24)
+    return int.from_bytes(header[16:20], "big"), int.from_bytes(header[20:24], "big")
+
+
+@pytest.fixture(scope="module")
+def conditional_run(tmp_path_factory):
+    """vp_digits_cond shrunk and trained for two steps: (config, workdir)."""
+    config = shrink(load_config("vp_digits_cond"))
+    config.sampling.num_samples = 20
+    config.sampling.batch_size = 20
+    workdir = str(tmp_path_factory.mktemp("conditional"))
+    train(build(config), workdir)
+    return config, workdir
+
+
+@pytest.mark.slow
+def test_conditional_sample_mode_writes_labels_and_one_row_per_class(conditional_run):
+    config, workdir = conditional_run
+    with np.load(sample(build(config), workdir)) as archive:
+        np.testing.assert_array_equal(archive["labels"], np.repeat(np.arange(10), 2))
+        assert archive["samples"].shape == (20, 8, 8, 1)
+        assert float(archive["guidance_scale"]) == config.sampling.guidance_scale
+        assert int(archive["network_evaluations"]) == 2 * int(archive["nfe"])
+    # 8x8 digits drawn 64 pixels wide with 2 pixels of padding: 10 rows of 2.
+    png = os.path.join(workdir, "sample", "dpm_solver_pp_2m_step2.png")
+    assert png_size(png) == (2 + 2 * 66, 2 + 10 * 66)
+
+
+@pytest.mark.slow
+def test_inpainting_with_resampling_keeps_the_known_pixels(conditional_run):
+    config, workdir = conditional_run
+    config = set_keys(
+        config.copy_and_resolve_references(),
+        {"sampling.inpaint_mask": "left_half", "sampling.inpaint_resamplings": 2},
+    )
+    with np.load(sample(build(config), workdir)) as archive:
+        mask, known, samples = archive["mask"], archive["known"], archive["samples"]
+        assert mask.shape == (8, 8, 1) and mask[:, 4:].all() and not mask[:, :4].any()
+        np.testing.assert_array_equal(np.where(mask, samples, 0), np.where(mask, known, 0))
+        # The known images are test digits of the requested classes.
+        test = data.load_dataset("digits", "test")
+        firsts = [test.images[test.labels == label][0] for label in range(10)]
+        np.testing.assert_allclose(
+            known[::2], data.uint8_to_float(np.stack(firsts), (-1.0, 1.0)), atol=1e-6
+        )
+    assert os.path.exists(
+        os.path.join(workdir, "sample", "dpm_solver_pp_2m_step2_left_half_known.png")
+    )
+
+
+@pytest.mark.slow
+def test_classifier_guidance_trains_and_caches_a_noisy_classifier(conditional_run):
+    config, workdir = conditional_run
+    config = set_keys(
+        config.copy_and_resolve_references(),
+        {"sampling.classifier_scale": 1.0, "sampling.noisy_classifier_steps": 3},
+    )
+    with np.load(sample(build(config), workdir)) as archive:
+        assert float(archive["classifier_scale"]) == 1.0
+        assert np.all(np.isfinite(archive["samples"]))
+    info = os.path.join(workdir, "classifiers", "noisy_classifier_digits.json")
+    with open(info) as file:
+        record = json.load(file)
+    assert record["settings"]["steps"] == 3 and len(record["test_accuracy_by_t"]) == 4
+    first_write = os.stat(info).st_mtime_ns
+    sample(build(config), workdir)
+    assert os.stat(info).st_mtime_ns == first_write  # reused, not retrained
+
+
+@pytest.mark.slow
+def test_conditional_eval_reports_accuracy_and_fd_per_guidance_scale(conditional_run):
+    config, workdir = conditional_run
+    config = set_keys(
+        config.copy_and_resolve_references(),
+        {
+            "eval.num_samples": 20,
+            "eval.bpd": False,
+            "eval.classifier_steps": 30,
+            "eval.guidance_scales": (1.0, 3.0),
+        },
+    )
+    record = evaluate(build(config), workdir)
+    for suffix in ("", "_w1", "_w3"):
+        assert 0.0 <= record[f"conditioning_accuracy{suffix}"] <= 1.0
+    for key in ("fd_classifier", "fd_classifier_w1", "fd_classifier_w3"):
+        assert np.isfinite(record[key]) and record[key] >= 0
+    assert record["network_evaluations"] == 2 * record["nfe"]
+    assert record["guidance_scale"] == config.sampling.guidance_scale
+
+
+@pytest.mark.slow
+def test_variational_eval_writes_the_vlb_of_every_variance(tmp_path):
+    """ddpm_digits_vlb on a 20-step chain: the hybrid loss trains, the learned and analytic
+    variances sample, eval writes bits/dim from the bound for each rule beside the ODE's."""
+    config = shrink(load_config("ddpm_digits_vlb"))
+    config.process.num_steps = 20
+    config.sampling.num_steps = 5
+    config.eval.update(num_samples=8, batch_size=4, bpd_num_examples=4, classifier_steps=10)
+    config.eval.update(vlb_num_examples=6, analytic_num_batches=1)
+    experiment = build(config)
+    workdir = str(tmp_path)
+    train(experiment, workdir)
+    records = read_scalars(os.path.join(workdir, "metrics.jsonl"))
+    assert all(np.isfinite(r["vlb_bpd"]) for r in records)  # the hybrid loss's L_vlb
+    with np.load(sample(experiment, workdir)) as archive:
+        assert np.all(np.isfinite(archive["samples"]))
+    analytic = set_keys(
+        config.copy_and_resolve_references(), {"sampling.reverse_variance": "analytic"}
+    )
+    with np.load(sample(build(analytic), workdir)) as archive:
+        assert np.all(np.isfinite(archive["samples"]))
+    assert os.path.exists(os.path.join(workdir, "analytic", "eps_sq_norm_step2.json"))
+    record = evaluate(experiment, workdir)
+    for rule in ("fixed_small", "fixed_large", "learned", "analytic"):
+        assert np.isfinite(record[f"bpd_vlb_{rule}"]) and record[f"bpd_vlb_{rule}"] > 0, rule
+    assert record["bpd_vlb"] == record["bpd_vlb_learned"] and record["bpd_vlb_rule"] == "learned"
+    assert record["vlb_num_terms"] == 20 and record["vlb_num_examples"] == 6
+    assert np.isfinite(record["bits_per_dim"])
+    # The decoder term and the prior are parts of the total.
+    assert 0 < record["bpd_vlb_prior"] < record["bpd_vlb"]
+    assert 0 < record["bpd_vlb_decoder"] < record["bpd_vlb"]
+    # An importance-sampled estimate: 5 terms per example (the other metrics left out).
+    config.eval.update(vlb_num_terms=5, bpd=False, feature_extractor="none")
+    assert evaluate(build(config), workdir)["vlb_num_terms"] == 5
+
+
+@pytest.mark.slow
+def test_learned_schedule_trains_with_the_vdm_loss_and_samples(tmp_path):
+    """process.name='learned': the schedule's parameters live beside the network's, and sampling
+    and the continuous bound rebuild the process from the checkpoint's EMA parameters."""
+    config = base.digits_config("vp")
+    base.use_learned_schedule(config, num_hidden=8)
+    config = shrink(config)
+    config.eval.update(num_samples=8, batch_size=4, bpd=False, feature_extractor="none")
+    config.eval.update(vlb=True, vlb_num_examples=4, vlb_num_terms=2, analytic_num_batches=1)
+    config.eval.analytic_num_times = 5
+    experiment = build(config)
+    workdir = str(tmp_path)
+    train(experiment, workdir)
+    _, ema = restore_ema_params(experiment, workdir)
+    assert set(ema) == {"denoiser", "schedule"}
+    process = experiment.denoiser_for(ema).process
+    assert process != experiment.process  # trained, not the linear template
+    np.testing.assert_allclose(process.gamma(np.array([0.0, 1.0])), [-13.3, 5.0], rtol=1e-5)
+    with np.load(sample(experiment, workdir)) as archive:
+        assert np.all(np.isfinite(archive["samples"]))
+    record = evaluate(experiment, workdir)
+    assert np.isfinite(record["bpd_vlb_fixed_large"]) and np.isfinite(record["bpd_vlb_analytic"])
+    assert record["bpd_vlb_rule"] == "fixed_large" and record["vlb_num_terms"] == 3

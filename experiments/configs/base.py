@@ -62,6 +62,10 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.model.fourier_scale = 16.0
     config.model.skip_rescale = False
     config.model.scale_by_sigma = False
+    # The reverse variance of ancestral sampling with variance='model' and of the VLB:
+    # fixed_small (beta-tilde) | fixed_large (beta) | learned (Nichol & Dhariwal 2021: the network
+    # outputs 2C channels; needs training.weighting='hybrid') | analytic (Bao et al. 2022).
+    config.model.variance = "fixed_small"
 
     config.training = ml_collections.ConfigDict()
     config.training.batch_size = 128
@@ -72,7 +76,15 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.training.snapshot_num_samples = 64
     config.training.checkpoint_freq = 5_000
     config.training.keep_checkpoints = 3
+    # A DenoisingLoss weighting, or 'hybrid' (Nichol & Dhariwal 2021's L_simple + lambda_vlb L_vlb,
+    # discrete chains with model.variance='learned') or 'vlb' (Kingma et al. 2021's VLB, VDMLoss,
+    # continuous processes; with process.name='learned' it also trains the schedule).
     config.training.weighting = "simple"
+    config.training.lambda_vlb = 0.001  # lambda of 'hybrid' (Nichol & Dhariwal 2021, Sec. 3.1)
+    config.training.vdm_num_steps = 0  # 'vlb': 0 continuous time, N: N discrete steps (VDM eq. 11)
+    # Probability of replacing a label by the null label (classifier-free guidance training, Ho &
+    # Salimans 2022); needs model.num_classes (0.1 in the conditional configs).
+    config.training.label_dropout = 0.0
     config.training.time_sampling = "uniform"
     config.training.reduction = "mean"
     config.training.min_snr_gamma = 5.0
@@ -104,6 +116,32 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.sampling.num_samples = 64
     config.sampling.batch_size = 64
     config.sampling.options = _sampler_options()
+    # Conditional sampling (diffusion.guidance). Labels: 'all' (an equal share of every class, one
+    # grid row per class), one label '3' or a list '0,4,7'; used by a conditional model
+    # (model.num_classes) and by classifier guidance.
+    config.sampling.labels = "all"
+    # Classifier-free guidance scale w: eps_uncond + w (eps_cond - eps_uncond); w = 1 conditional.
+    config.sampling.guidance_scale = 1.0
+    # (low, high] of EDM's noise level sigma / alpha where w applies (Kynkaanniemi et al. 2024);
+    # None: everywhere. Outside it w = 1.
+    config.sampling.guidance_interval = config_dict.placeholder(tuple)
+    config.sampling.guidance_rescale = 0.0  # phi of rescaled CFG (Lin et al. 2024, Sec. 3.4)
+    # Classifier guidance (Dhariwal & Nichol 2021) with a noise-conditional classifier trained on
+    # the training split and cached in DIR/classifiers/; 0 disables.
+    config.sampling.classifier_scale = 0.0
+    config.sampling.noisy_classifier_steps = 2000
+    config.sampling.noisy_classifier_batch_size = 128
+    config.sampling.noisy_classifier_learning_rate = 1e-3
+    config.sampling.noisy_classifier_channels = (32, 64)
+    config.sampling.noisy_classifier_num_blocks = 1
+    # Inpainting: a named region to generate (diffusion.guidance.MASKS, e.g. left_half,
+    # center_square); the known part comes from the test split (toy data: fresh points).
+    config.sampling.inpaint_mask = config_dict.placeholder(str)
+    config.sampling.inpaint_resamplings = 1  # RePaint's resampling (Lugmayr et al. 2022); 1: none
+    config.sampling.inpaint_jump_length = 1
+    # The rule of ancestral sampling with variance='model' (None: model.variance); e.g.
+    # 'fixed_small' samples a learned-variance network with beta-tilde.
+    config.sampling.reverse_variance = config_dict.placeholder(str)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.batch_size = 256
@@ -123,6 +161,18 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.eval.sweep_nfes = (10, 20, 50)
     config.eval.sweep_grids = ("uniform_t", "uniform_log_snr")
     config.eval.sweep_num_samples = 256
+    # A conditional model: conditioning accuracy and FD per classifier-free guidance scale.
+    config.eval.guidance_scales = (1.0,)
+    # Bits/dim from the variational bound (diffusion.variational): every term of a discrete chain
+    # (vlb_num_terms = 0) or n importance-sampled ones (uniform over the terms, unbiased); a
+    # continuous process gets Kingma et al. 2021's continuous bound with n (>= 1) time samples.
+    config.eval.vlb = False
+    config.eval.vlb_num_examples = 256
+    config.eval.vlb_num_terms = 0
+    # The analytic variance's Gamma_t (Bao et al. 2022): batches of training data per time, at
+    # the chain times (continuous processes: analytic_num_times uniform times); cached in DIR/analytic.
+    config.eval.analytic_num_batches = 4
+    config.eval.analytic_num_times = 100
     return config
 
 
@@ -156,8 +206,24 @@ def use_mlp(config: ml_collections.ConfigDict, width: int = 256, num_blocks: int
             "fourier_scale": 16.0,
             "dropout": 0.0,
             "scale_by_sigma": False,
+            "variance": "fixed_small",
         }
     )
+
+
+def use_learned_schedule(
+    config: ml_collections.ConfigDict,
+    gamma_min: float = -13.3,
+    gamma_max: float = 5.0,
+    num_hidden: int = 1024,
+) -> None:
+    """Kingma et al. 2021's learned noise schedule (process.name='learned', a monotone network for
+    gamma = -log SNR with fixed end points, defaults those of their CIFAR-10 runs), trained with
+    their VLB (training.weighting='vlb'), whose gradient trains the schedule to minimise the
+    estimator's variance (their Sec. 5.2)."""
+    set_process(config, "learned", gamma_min=gamma_min, gamma_max=gamma_max, num_hidden=num_hidden)
+    config.training.weighting = "vlb"
+    config.training.time_sampling = "uniform"
 
 
 def ncsnpp_style(config: ml_collections.ConfigDict) -> None:
