@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from diffusion import samplers, training
+from diffusion.parameterization import Denoiser
 from experiments.build import build
 from experiments.configs import toy_vp
 
@@ -44,12 +45,17 @@ class CompileCounter:
 
 
 @pytest.fixture(scope="module")
-def experiment():
-    """The toy VP experiment with a small MLP and batch (compiles in seconds)."""
+def config():
+    """The toy VP config with a small MLP and batch (compiles in seconds)."""
     config = toy_vp.get_config()
     config.training.batch_size = 16
     config.model.width = 32
     config.model.num_blocks = 1
+    return config
+
+
+@pytest.fixture(scope="module")
+def experiment(config):
     return build(config)
 
 
@@ -94,10 +100,16 @@ def test_train_steps_compile_once(experiment, multi_step):
     assert counter.count == 0, counter.events
 
 
-def test_repeated_sampler_calls_compile_once(experiment):
+def test_repeated_sampler_calls_compile_once(config, experiment):
     # Same shapes, new keys and new parameter values (as successive snapshots): no recompilation.
     params = experiment.init_params(jax.random.key(0))
-    denoiser = experiment.denoiser.replace(params=params)
+    denoiser = Denoiser(
+        params=params,
+        apply_fn=experiment.model.apply,
+        process=experiment.process,
+        parameterization=config.model.parameterization,
+        time_input=config.model.time_input,
+    )
 
     def draw(denoiser, seed):
         result = samplers.sample(
