@@ -1,35 +1,48 @@
-"""Accuracy of every deterministic solver against NFE on ring8_2d, under DDPM's schedule and the VP SDE.
+"""Accuracy of every deterministic solver against NFE on ring8_2d, measured at the ODE's end at sigma = 0.
 
-For each problem, every deterministic sampler x time grid x NFE starts from the same x_T ~ prior and
-is compared with a tight adaptive solve of the probability-flow ODE from that x_T (Dopri5 in the
-log-SNR variable, rtol = atol = 1e-10, float64; the exact oracle denoiser of ring8_2d, so the only
-error is the solver's). RMSE is over all coordinates at the grid's end time (no final denoising).
-The goal of the samplers issue: the best configuration at 10 NFE is at least 3x more accurate than
-DDIM on a uniform-t grid at 10 NFE.
+For each problem (a process with the exact denoiser of the oracle preset ring8_2d, float64), every
+deterministic sampler x time grid x NFE x way of ending starts from the same x_T ~ prior. Its error is
+the RMSE over all coordinates against the probability-flow ODE's end at sigma = 0 from that x_T
+(``diffusion.flow.ode_end_at_zero_noise``: a Dopri5 solve in the log-SNR variable at rtol = atol =
+1e-10 down to sigma_hat = 1e-6, then the exact denoiser there, whose error is O(1e-12)). The only error
+left is the solver's.
 
-    python -m benchmarks.solver_accuracy [--quick]
+Every run ends at sigma = 0: the grid runs down to its end time t_end and the last step goes from
+there to sigma = 0 (``denoise_final``; its evaluation counted in the NFE), at ``denoise_order`` 1
+(Tweedie's step, the only one before the last-mile work), 2 or 3 (the x0 predictions extrapolated to
+sigma_hat^2 = 0, ``diffusion.samplers.api``). t_end is the process's default (score_sde's 1e-3 for VP,
+1e-5 for VE) or the time of sigma_hat = 0.01, 0.03 or 0.1 ("end" in the records). NFE 5, 10, 20, 50,
+100 are spent exactly.
 
-prints one JSON object: {"records": [{problem, solver, options, grid, nfe, rmse, seconds}, ...],
-"summary": {problem: {ddim_uniform_t_10, best_10, best_10_rmse, improvement_10}}}.
+    python -m benchmarks.solver_accuracy [--quick] [--problems=vp_sde,ddpm_linear_1000] [--baseline]
+
+``--baseline`` runs only what existed before the last-mile work (order 1, default end, DPM-Solver's
+solvers) for the figures to compare against. Prints one JSON object: {"records": [{problem, solver,
+grid, end, order, nfe, rmse}, ...], "best": {problem: {nfe: {...}}}, "reference": {...}}.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
+import math
 
 import jax
 
 jax.config.update("jax_enable_x64", True)
 
 from diffusion import oracle, processes, samplers  # noqa: E402  (after enabling float64)
+from diffusion.flow import ode_end_at_zero_noise  # noqa: E402
 
 PROBLEMS = {
     "ddpm_linear_1000": lambda: processes.DDPM(num_steps=1000, beta_start=1e-4, beta_end=0.02),
     "vp_sde": lambda: processes.VPSDE(),
+    "ve_sde": lambda: processes.VESDE(),
+    "flow": lambda: processes.RectifiedFlow(),
 }
-# Every deterministic sampler; the adaptive one is the reference, edm_stochastic without churn is
-# Heun. Solvers whose order is an option appear once per order.
+# Every deterministic fixed-step sampler (the adaptive one makes the reference); solvers whose order
+# is an option appear once per order.
 SOLVERS = (
     ("ddim", {}),
     ("euler", {}),
@@ -44,7 +57,16 @@ SOLVERS = (
     ("dpm_solver_pp_3m", {}),
 )
 GRIDS = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras")
-REFERENCE = {"solver": "dopri5", "rtol": 1e-10, "atol": 1e-10, "time_variable": "log_snr"}
+ORDERS = (1, 2, 3)  # of the final step to sigma = 0
+ENDS = (None, 0.01, 0.03, 0.1)  # sigma_hat at the grid's end time; None: the process's t_end
+# diffusion.flow.ode_end_at_zero_noise's defaults.
+REFERENCE = {
+    "solver": "dopri5",
+    "rtol": 1e-10,
+    "atol": 1e-10,
+    "time_variable": "log_snr",
+    "end_sigma_hat": 1e-6,
+}
 
 
 def label(name: str, options: dict) -> str:
@@ -54,64 +76,84 @@ def label(name: str, options: dict) -> str:
     return name + "".join(f"[{key}={value}]" for key, value in sorted(changed.items()))
 
 
-def run(quick: bool) -> dict:
-    nfes = (10,) if quick else (5, 10, 20, 50)
+def end_time(process, end_sigma_hat: float | None) -> float | None:
+    """The time at which sigma_hat = end_sigma_hat (not below t_min), or None for the default."""
+    if end_sigma_hat is None:
+        return None
+    return max(float(process.t_from_log_snr(-math.log(end_sigma_hat))), process.t_min)
+
+
+def run(quick: bool, problems: tuple[str, ...], baseline: bool) -> dict:
+    nfes = (5, 10) if quick else (5, 10, 20, 50, 100)
     num_points = 256 if quick else 1000
-    solvers = SOLVERS[:1] + SOLVERS[-3:] if quick else SOLVERS
+    solvers = (SOLVERS[0], SOLVERS[-1]) if quick else SOLVERS
+    orders, ends = ((1,), (None,)) if baseline else (ORDERS, ENDS)
     data = oracle.preset("ring8_2d")
-    records, summary = [], {}
-    for problem, make_process in PROBLEMS.items():
-        process = make_process()
+    records, best = [], {}
+    for problem in problems:
+        process = PROBLEMS[problem]()
         denoiser = data.denoiser(process)
         key = jax.random.PRNGKey(0)
         x_init = process.prior_sample(key, (num_points, 2))
-        reference = samplers.sample(
-            "adaptive", denoiser, key, x_init, num_steps=1, max_steps=100_000, **REFERENCE
-        ).samples
-        grids = GRIDS + (("linspace",) if isinstance(process, processes.DDPM) else ())
-        for record in samplers.sweep(
-            denoiser,
-            key,
-            x_init,
-            reference,
-            solvers=solvers,
-            nfes=nfes,
-            grids=grids,
-            repeats=1,
-        ):
-            if record["skipped"] is not None:
-                continue
-            records.append(
-                {
-                    "problem": problem,
-                    "solver": label(record["solver"], record["options"]),
-                    "grid": record["grid"],
-                    "nfe": record["nfe"],
-                    "rmse": record["error_rmse"],
-                    "seconds": record["seconds"],
+        reference = jax.jit(lambda x, d=denoiser, t=process.T: ode_end_at_zero_noise(d, x, t))(
+            x_init
+        )
+        grids = GRIDS + (("linspace",) if process.is_discrete else ())
+        for order, end in itertools.product(orders, ends):
+            for record in samplers.sweep(
+                denoiser,
+                key,
+                x_init,
+                reference,
+                solvers=solvers,
+                nfes=nfes,
+                grids=grids,
+                t_end=end_time(process, end),
+                denoise_final=True,
+                denoise_order=order,
+                repeats=1,
+            ):
+                if record["skipped"] is not None:
+                    continue
+                records.append(
+                    {
+                        "problem": problem,
+                        "solver": label(record["solver"], record["options"]),
+                        "grid": record["grid"],
+                        "end": end,
+                        "order": order,
+                        "nfe": record["nfe"],
+                        "rmse": record["error_rmse"],
+                    }
+                )
+        best[problem] = {}
+        for nfe in nfes:
+            candidates = [r for r in records if r["problem"] == problem and r["nfe"] == nfe]
+            if candidates:
+                winner = min(candidates, key=lambda r: r["rmse"])
+                best[problem][nfe] = {
+                    k: winner[k] for k in ("solver", "grid", "end", "order", "rmse")
                 }
-            )
-        at_10 = [r for r in records if r["problem"] == problem and r["nfe"] == 10]
-        baseline = next(r for r in at_10 if r["solver"] == "ddim" and r["grid"] == "uniform_t")
-        best = min(at_10, key=lambda r: r["rmse"])
-        summary[problem] = {
-            "ddim_uniform_t_10": baseline["rmse"],
-            "best_10": f"{best['solver']} / {best['grid']}",
-            "best_10_rmse": best["rmse"],
-            "improvement_10": baseline["rmse"] / best["rmse"],
-        }
-    return {
-        "reference": REFERENCE,
-        "num_points": num_points,
-        "records": records,
-        "summary": summary,
-    }
+    return {"reference": REFERENCE, "num_points": num_points, "records": records, "best": best}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="NFE 10 only, 4 solvers, 256 points")
-    print(json.dumps(run(parser.parse_args().quick), indent=1))
+    parser.add_argument("--quick", action="store_true", help="NFE 5, 10; 2 solvers; 256 points")
+    parser.add_argument(
+        "--baseline", action="store_true", help="only order 1 at the default end time"
+    )
+    parser.add_argument(
+        "--problems",
+        default=",".join(PROBLEMS),
+        help=f"comma-separated subset of {', '.join(PROBLEMS)}",
+    )
+    arguments = parser.parse_args()
+    problems = tuple(name for name in arguments.problems.split(",") if name)
+    unknown = [name for name in problems if name not in PROBLEMS]
+    if unknown:
+        parser.error(f"unknown problem(s) {unknown}; accepted: {', '.join(PROBLEMS)}")
+    print(json.dumps(run(arguments.quick, problems, arguments.baseline), indent=1))
 
 
 if __name__ == "__main__":

@@ -28,26 +28,42 @@ import jax
 import jax.numpy as jnp
 from jax import Array
 
-from diffusion.parameterization import Denoiser
+from diffusion.parameterization import DenoiserViews
 from diffusion.processes import Process
 from diffusion.shapes import expand_to
 
-__all__ = ["ADAPTIVE_SOLVERS", "TIME_VARIABLES", "probability_flow", "solve_adaptive"]
+__all__ = [
+    "ADAPTIVE_SOLVERS",
+    "TIME_VARIABLES",
+    "ode_end_at_zero_noise",
+    "probability_flow",
+    "probability_flow_and_x0",
+    "probability_flow_field",
+    "solve_adaptive",
+]
 
 ADAPTIVE_SOLVERS = {"dopri5": diffrax.Dopri5, "tsit5": diffrax.Tsit5}
 TIME_VARIABLES = ("t", "log_snr")
 
 
-def probability_flow(denoiser: Denoiser, x: Array, t: Array, **model_kwargs) -> Array:
+def probability_flow_and_x0(
+    denoiser: DenoiserViews, x: Array, t: Array, **model_kwargs
+) -> tuple[Array, Array]:
+    """(dx/dt, x0 prediction) at (x, t) from one network evaluation (see ``probability_flow``)."""
+    process = denoiser.process
+    eps_pred, x0_pred = denoiser.predict(x, t, **model_kwargs)
+    drift = expand_to(process.drift_coef(t), x) * x
+    slope = drift + expand_to(0.5 * process.diffusion_sq(t) / process.sigma(t), x) * eps_pred
+    return slope, x0_pred
+
+
+def probability_flow(denoiser: DenoiserViews, x: Array, t: Array, **model_kwargs) -> Array:
     """dx/dt of the probability-flow ODE at (x, t) (Song et al. 2021, eq. 13): one network evaluation.
 
     f x - g^2/2 score, written as f x + g^2 / (2 sigma) eps (score = -eps / sigma); t is a scalar or
     a (batch,) array.
     """
-    process = denoiser.process
-    eps_pred = denoiser.eps(x, t, **model_kwargs)
-    drift = expand_to(process.drift_coef(t), x) * x
-    return drift + expand_to(0.5 * process.diffusion_sq(t) / process.sigma(t), x) * eps_pred
+    return probability_flow_and_x0(denoiser, x, t, **model_kwargs)[0]
 
 
 def _to_variable(process: Process, t: Array, time_variable: str) -> Array:
@@ -138,3 +154,44 @@ def solve_adaptive(
     y1 = jax.tree.map(lambda leaf: leaf[-1], solution.ys)
     nfe = 1 + len(ode_solver.tableau.c) * solution.stats["num_steps"]
     return y1, jnp.asarray(nfe, jnp.int32)
+
+
+def probability_flow_field(t: Array, x: Array, denoiser: DenoiserViews) -> Array:
+    """``probability_flow`` as the (t, y, args) vector field that ``solve_adaptive`` integrates."""
+    return probability_flow(denoiser, x, t)
+
+
+def ode_end_at_zero_noise(
+    denoiser: DenoiserViews,
+    x: Array,
+    t_start: float,
+    *,
+    end_sigma_hat: float = 1e-6,
+    solver: str = "dopri5",
+    rtol: float = 1e-10,
+    atol: float = 1e-10,
+    max_steps: int = 100_000,
+) -> Array:
+    """The probability-flow ODE's end at sigma = 0 from x at t_start: a reference for samplers.
+
+    An adaptive solve in the log-SNR variable down to sigma_hat = ``end_sigma_hat`` (below the
+    process's t_min where need be: its formulas hold there), then the denoiser's x0 prediction, the
+    end of the remaining path up to O(end_sigma_hat^2) (the x0 prediction along the trajectory is
+    smooth in sigma_hat^2; ``diffusion.samplers.api``). Use float64 for tight tolerances.
+    """
+    process = denoiser.process
+    t_end = process.t_from_log_snr(-jnp.log(end_sigma_hat))
+    x_end, _ = solve_adaptive(
+        probability_flow_field,
+        jnp.asarray(x),
+        jnp.asarray(t_start, dtype=jnp.result_type(float)),
+        t_end,
+        denoiser,
+        process=process,
+        time_variable="log_snr",
+        solver=solver,
+        rtol=rtol,
+        atol=atol,
+        max_steps=max_steps,
+    )
+    return denoiser.x0(x_end, t_end)

@@ -754,7 +754,7 @@ def _repaint_program(
         )
         result = SampleResult(samples=samples, nfe=nfe)
         if denoise_final:
-            result = final_denoise(denoiser, result, times[-1])
+            result = final_denoise(denoiser, result, times)
         return result
 
     return jax.jit(program)

@@ -279,8 +279,10 @@ class ReverseKernelDenoiser(DenoiserViews):
     draws from it."""
 
     @abc.abstractmethod
-    def reverse_step(self, x: ArrayLike, t: ArrayLike, s: ArrayLike, key: Array) -> Array:
-        """x_s ~ p(x_s | x_t): one ancestral step, one network evaluation; the noise is
+    def reverse_step(
+        self, x: ArrayLike, t: ArrayLike, s: ArrayLike, key: Array
+    ) -> tuple[Array, Array]:
+        """(x_s ~ p(x_s | x_t), x0_pred): one ancestral step, one network evaluation; the noise is
         ``jax.random.normal(key, x.shape, x.dtype)`` (the samplers' noise convention)."""
 
 

@@ -18,6 +18,7 @@ from diffusion import oracle as O
 from diffusion import processes as P
 from diffusion.parameterization import Denoiser
 from diffusion.samplers import dpm_solver as D
+from diffusion.samplers import exponential as E
 from diffusion.samplers import sample
 from diffusion.samplers.base import get_sampler
 from diffusion.samplers.grids import time_grid
@@ -237,11 +238,23 @@ def test_nfe_formulas_and_plans():
 
 
 def test_multistep_order_schedules():
-    """Warm-up min(order, i + 1); lower_order_final below 15 steps (official DPM-Solver sample())."""
-    assert D.multistep_orders(5, 3, lower_order_final=True) == (1, 2, 3, 2, 1)
-    assert D.multistep_orders(5, 3, lower_order_final=False) == (1, 2, 3, 3, 3)
-    assert D.multistep_orders(4, 2, lower_order_final=True) == (1, 2, 2, 1)
-    assert D.multistep_orders(15, 3, lower_order_final=True) == (1, 2) + (3,) * 13
+    """Warm-up min(order, i + 1); with lower_order_final order k needs rho^(k - 1) <= 2 for the step
+    ratio rho = h_i / h_{i-1} (order 3 up to rho = sqrt 2, order 2 up to rho = 2), wherever it is."""
+
+    def orders(steps, order, lower_order_final=True):
+        log_snrs = np.concatenate([[0.0], np.cumsum(steps)])
+        return tuple(np.asarray(E.multistep_orders(log_snrs, order, lower_order_final)).tolist())
+
+    assert orders([1.0] * 5, 3) == (1, 2, 3, 3, 3)
+    assert orders([1.0] * 5, 2) == (1, 2, 2, 2, 2)
+    # A uniform-t VP grid's last log-SNR step is about 4x the one before: order 1 there only.
+    assert orders([1.0, 1.0, 1.0, 1.0, 4.0], 3) == (1, 2, 3, 3, 1)
+    assert orders([1.0, 1.0, 1.0, 1.0, 4.0], 3, lower_order_final=False) == (1, 2, 3, 3, 3)
+    # Ratios 1.4 (order 3 kept), 1.5 (order 2), 2.0 (order 2), 2.1 (order 1), then shrinking steps.
+    steps = np.cumprod([1.0, 1.0, 1.4, 1.5, 2.0, 2.1, 0.5])
+    assert orders(steps, 3) == (1, 2, 3, 2, 2, 1, 3)
+    assert orders(steps, 2) == (1, 2, 2, 2, 2, 1, 2)
+    assert E.AMPLIFICATION_LIMIT == 2.0
 
 
 # ----------------------------------------------------------------------------- processes x parameterizations
@@ -302,7 +315,7 @@ def test_dynamic_threshold_matches_numpy(ratio, max_value, x64):
     rng = np.random.default_rng(0)
     x0 = rng.normal(0.0, 1.5, (4, 5, 6, 3))
     x0[0] *= 0.1  # one example entirely inside the range
-    got = np.asarray(D.dynamic_threshold(jnp.asarray(x0), ratio, max_value))
+    got = np.asarray(E.dynamic_threshold(jnp.asarray(x0), ratio, max_value))
     np.testing.assert_allclose(got, _numpy_dynamic_threshold(x0, ratio, max_value), rtol=1e-12)
     assert np.all(np.abs(got) <= max_value + 1e-12)
     np.testing.assert_array_equal(got[0], x0[0])
@@ -311,7 +324,7 @@ def test_dynamic_threshold_matches_numpy(ratio, max_value, x64):
 def test_dynamic_threshold_is_identity_inside_the_range():
     x0 = np.random.default_rng(1).uniform(-1.0, 1.0, (3, 8, 8, 3)).astype(np.float32)
     x0[1, 0, 0, 0], x0[2, 0, 0, 0] = 1.0, -1.0
-    np.testing.assert_array_equal(D.dynamic_threshold(jnp.asarray(x0)), x0)
+    np.testing.assert_array_equal(E.dynamic_threshold(jnp.asarray(x0)), x0)
 
 
 # ----------------------------------------------------------------------------- bad options

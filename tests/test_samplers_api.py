@@ -95,9 +95,16 @@ def test_every_sampler_runs_compiles_once_and_reports_its_nfe(
     shape = (2, 3, 2, 1) if images else (3, 2)
     x_init = process.prior_sample(jax.random.PRNGKey(0), shape)
 
-    def run(key, x):
+    def run(key, x, record=False):
         return sample(
-            name, denoiser, key, x, grid=grid_for(process), num_steps=NUM_STEPS, **options
+            name,
+            denoiser,
+            key,
+            x,
+            grid=grid_for(process),
+            num_steps=NUM_STEPS,
+            record=record,
+            **options,
         )
 
     first = jax.block_until_ready(run(jax.random.PRNGKey(1), x_init))
@@ -122,6 +129,20 @@ def test_every_sampler_runs_compiles_once_and_reports_its_nfe(
         np.testing.assert_array_equal(same_start.samples, first.samples)
     else:
         assert not np.array_equal(np.asarray(same_start.samples), np.asarray(first.samples))
+    assert first.trajectory is None and first.denoised is None  # only when asked for
+    # The recorded run is the same run (compiled apart, so equal to float32 rounding), with its
+    # states from x_init to the samples.
+    recorded = run(jax.random.PRNGKey(1), x_init, record=True)
+    np.testing.assert_allclose(recorded.samples, first.samples, rtol=1e-5, atol=1e-6)
+    if is_adaptive:
+        assert recorded.trajectory is None
+    else:
+        levels = 1 if name == "annealed_langevin" else 0  # it also samples at the grid's first time
+        assert recorded.trajectory.shape == (NUM_STEPS + 1 + levels, *shape)
+        assert recorded.denoised.shape == (NUM_STEPS + levels, *shape)
+        np.testing.assert_array_equal(recorded.trajectory[0], x_init)
+        np.testing.assert_array_equal(recorded.trajectory[-1], recorded.samples)
+        assert bool(jnp.all(jnp.isfinite(recorded.denoised)))
 
 
 # ================================================================================ bad input
@@ -156,6 +177,13 @@ def vp_denoiser():
         ("euler", {"grid": "cosine"}, "unknown time grid"),
         ("euler", {"num_steps": 0}, "num_steps must be an integer >= 1"),
         ("euler", {"denoise_final": "yes"}, "denoise_final must be True or False"),
+        ("euler", {"denoise_final": True, "denoise_order": 0}, "denoise_order=0"),
+        ("ancestral", {"denoise_final": True, "denoise_order": 2}, "stochastic"),
+        ("adaptive", {"denoise_final": True, "denoise_order": 2}, "adaptive"),
+        ("adaptive", {"max_nfe": 5}, "max_nfe=5 must be an integer >= 7"),
+        ("euler", {"num_steps": None}, "exactly one of num_steps and nfe"),
+        ("euler", {"nfe": 4}, "exactly one of num_steps and nfe"),
+        ("heun", {"num_steps": None, "nfe": 7}, "cannot spend exactly nfe=7"),
     ],
 )
 def test_bad_input_raises_before_anything_compiles(name, kwargs, message):
@@ -172,6 +200,62 @@ def test_bad_initial_state_raises_before_anything_compiles():
         with pytest.raises(ValueError, match=r"shape|x_init"):
             sample("euler", denoiser, jax.random.PRNGKey(0), bad, num_steps=2)
     assert net.traces == 0
+
+
+@pytest.mark.parametrize("denoise_final", [False, True])
+def test_sample_with_an_nfe_budget_spends_it_exactly(denoise_final):
+    """sample(nfe=N) plans the steps (and DPM-Solver-fast's orders) that spend exactly N network
+    evaluations, the final step to sigma = 0 included, for every fixed-NFE sampler that can."""
+    _, denoiser = vp_denoiser()
+    for name in sorted(SAMPLERS):
+        spec = get_sampler(name)
+        options = SMOKE_OPTIONS.get(name, {})
+        if spec.nfe(NUM_STEPS, **spec.check_options(options)) is None:
+            continue
+        for nfe in (6, 7, 12):
+            try:
+                get_sampler(name).steps_for_nfe(nfe - denoise_final, **options)
+            except ValueError:  # e.g. Heun at an odd budget: said before anything runs
+                continue
+            result = sample(
+                name,
+                denoiser,
+                jax.random.PRNGKey(0),
+                (2, 2),
+                nfe=nfe,
+                denoise_final=denoise_final,
+                **options,
+            )
+            assert int(result.nfe) == nfe, (name, nfe)
+
+
+def test_adaptive_max_nfe_caps_the_evaluations():
+    """With max_nfe the solve stops (an error at run time) instead of spending more; a budget it
+    meets gives the same answer as no budget."""
+    _, denoiser = vp_denoiser()
+    free = sample("adaptive", denoiser, jax.random.PRNGKey(0), (2, 2), num_steps=1, rtol=1e-3)
+    within = sample(
+        "adaptive",
+        denoiser,
+        jax.random.PRNGKey(0),
+        (2, 2),
+        num_steps=1,
+        rtol=1e-3,
+        max_nfe=int(free.nfe),
+    )
+    np.testing.assert_array_equal(within.samples, free.samples)
+    with pytest.raises(Exception, match=r"max_steps|maximum number of"):
+        jax.block_until_ready(
+            sample(
+                "adaptive",
+                denoiser,
+                jax.random.PRNGKey(0),
+                (2, 2),
+                num_steps=1,
+                rtol=1e-3,
+                max_nfe=int(free.nfe) - 6,
+            ).samples
+        )
 
 
 def test_steps_for_nfe_hits_every_budget_exactly_or_says_why():

@@ -432,8 +432,10 @@ def test_reverse_model_fixed_variances_are_the_sampler_steps():
     key = jax.random.key(3)
     for ours, theirs in (("fixed_small", "beta_tilde"), ("fixed_large", "beta")):
         model = V.ReverseModel(denoiser=denoiser, variance=ours)
-        expected = A.ancestral_step(denoiser, x, t, s, key, theirs)
-        assert np.allclose(model.reverse_step(x, t, s, key), expected, rtol=1e-5, atol=1e-6)
+        expected, expected_x0 = A.ancestral_step(denoiser, x, t, s, key, theirs)
+        got, got_x0 = model.reverse_step(x, t, s, key)
+        assert np.allclose(got, expected, rtol=1e-5, atol=1e-6)
+        assert np.allclose(got_x0, expected_x0, rtol=1e-5, atol=1e-6)
 
 
 def test_ancestral_sampler_draws_from_the_models_own_kernel():

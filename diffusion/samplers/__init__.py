@@ -8,15 +8,31 @@ every process and parameterization. Registered names:
   Song & Ermon 2019;
 * ``euler``, ``heun``, ``edm_stochastic``, ``adaptive`` (``ode``): the probability-flow ODE; Karras et
   al. 2022 Alg. 1-2; diffrax;
-* ``dpm_solver*`` (``dpm_solver``): Lu et al. 2022, DPM-Solver and DPM-Solver++.
+* ``dpm_solver*`` (``dpm_solver``): Lu et al. 2022, DPM-Solver and DPM-Solver++, on the exponential
+  integrator of ``exponential``.
 
 ``sample(name, denoiser, key, x_init_or_shape, grid=..., num_steps=..., **options)`` validates, builds
 the grid and runs one cached jitted program; ``sweep`` runs solvers x NFE x grids against a reference.
 """
 
 # Importing a sampler module registers its samplers.
-from diffusion.samplers import ancestral, dpm_solver, ode, sde
-from diffusion.samplers.api import SamplerProgram, final_denoise, sample, sampler_program
+from diffusion.samplers import (
+    ancestral,
+    deis,
+    dpm_solver,
+    exponential,
+    ode,
+    predictor_corrector,
+    sde,
+    unipc,
+)
+from diffusion.samplers.api import (
+    SamplerProgram,
+    final_denoise,
+    plan_steps,
+    sample,
+    sampler_program,
+)
 from diffusion.samplers.base import SAMPLERS, SampleResult, SamplerSpec, get_sampler
 from diffusion.samplers.grids import CONTINUOUS_GRIDS, GRIDS, INDEX_GRIDS, time_grid
 from diffusion.samplers.sweep import sweep
@@ -30,13 +46,20 @@ __all__ = [
     "SamplerProgram",
     "SamplerSpec",
     "ancestral",
+    "deis",
     "dpm_solver",
+    "exponential",
     "final_denoise",
     "get_sampler",
     "ode",
+    "plan_steps",
+    "predictor_corrector",
+    "sa_solver",
     "sample",
     "sampler_program",
     "sde",
+    "sde_dpm_solver",
     "sweep",
     "time_grid",
+    "unipc",
 ]

@@ -19,7 +19,6 @@ from jax import Array
 from diffusion.parameterization import Denoiser, ReverseKernelDenoiser
 from diffusion.samplers.base import (
     SampleResult,
-    constant_nfe,
     num_steps_of,
     one_evaluation_per_step,
     register_sampler,
@@ -36,11 +35,12 @@ VARIANCES = ("beta_tilde", "beta", "model")
 
 def ancestral_step(
     denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array, variance: str
-) -> Array:
+) -> tuple[Array, Array]:
     """One ancestral step x_t -> x_s ~ N(mu(x0_pred, x_t), std^2 I) (Ho et al. 2020, Alg. 2 line 4).
 
     mu = coef_x0 x0_pred + coef_xt x_t is the mean of q(x_s | x_t, x_0) (Ho et al. eq. 7, Kingma et
     al. 2021 eq. 4) and std = ``process.ancestral_std(s, t, variance)``. One network evaluation.
+    Returns (x_s, x0_pred).
     """
     if variance == "model":
         if not isinstance(denoiser, ReverseKernelDenoiser):
@@ -53,7 +53,7 @@ def ancestral_step(
     _, x0_pred = denoiser.predict(x, t)
     coef_x0, coef_xt, _ = process.posterior(s, t)
     std = process.ancestral_std(s, t, variance)
-    return coef_x0 * x0_pred + coef_xt * x + std * standard_normal(key, x)
+    return coef_x0 * x0_pred + coef_xt * x + std * standard_normal(key, x), x0_pred
 
 
 def _validate_ancestral(*, variance: str) -> None:
@@ -87,12 +87,13 @@ def ancestral(
     def step(x, t, s, step_key):
         return ancestral_step(denoiser, x, t, s, step_key, variance)
 
-    samples = scan_time_grid(step, x_init, times, key)
-    return SampleResult(samples=samples, nfe=constant_nfe(num_steps_of(times)))
+    return scan_time_grid(step, x_init, times, key, nfe=num_steps_of(times))
 
 
-def ddim_step(denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array, eta: float) -> Array:
-    """One DDIM step (Song, Meng & Ermon 2021, eq. 12), one network evaluation.
+def ddim_step(
+    denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array, eta: float
+) -> tuple[Array, Array]:
+    """One DDIM step (Song, Meng & Ermon 2021, eq. 12), one network evaluation; (x_s, x0_pred).
 
     x_s = alpha_s x0_pred + sqrt(sigma_s^2 - sigma_eta^2) eps_pred + sigma_eta z with
     sigma_eta = eta * std of q(x_s | x_t, x_0) (eq. 16). With r = SNR_t / SNR_s that std is
@@ -105,9 +106,9 @@ def ddim_step(denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array, eta:
     eps_coef = process.sigma(s) * jnp.sqrt((1.0 - eta**2) + eta**2 * snr_ratio)
     x_s = process.alpha(s) * x0_pred + eps_coef * eps_pred
     if eta == 0.0:  # static option: the deterministic sampler draws no noise
-        return x_s
+        return x_s, x0_pred
     noise_std = eta * process.posterior(s, t)[2]
-    return x_s + noise_std * standard_normal(key, x)
+    return x_s + noise_std * standard_normal(key, x), x0_pred
 
 
 def _validate_ddim(*, eta: float) -> None:
@@ -133,5 +134,4 @@ def ddim(
     def step(x, t, s, step_key):
         return ddim_step(denoiser, x, t, s, step_key, eta)
 
-    samples = scan_time_grid(step, x_init, times, key)
-    return SampleResult(samples=samples, nfe=constant_nfe(num_steps_of(times)))
+    return scan_time_grid(step, x_init, times, key, nfe=num_steps_of(times))

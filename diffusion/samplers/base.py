@@ -6,7 +6,8 @@ A sampler is a pure function
 
 that integrates from ``x_init`` at ``times[0]`` down the decreasing time grid ``times`` (shape
 (num_steps + 1,), see ``diffusion.samplers.grids``) and returns the samples at ``times[-1]`` with the
-exact number of network evaluations. The process is the denoiser's (``denoiser.process``). The loop
+exact number of network evaluations, the states at every grid time and the x0 prediction of every
+step (``SampleResult``). The process is the denoiser's (``denoiser.process``). The loop
 over steps is a single ``lax.scan`` / ``fori_loop`` / ``while_loop``, never a Python loop. Options are
 static Python values (names, orders, flags, numbers) validated before anything compiles
 (``SamplerSpec.check_options``).
@@ -54,10 +55,25 @@ __all__ = [
 
 @struct.dataclass
 class SampleResult:
-    """Samples at the grid's last time (or at sigma = 0 after a final denoising step) and the NFE."""
+    """What a sampler returns.
+
+    Attributes:
+      samples: the state at the grid's last time (or at sigma = 0 after a final denoising step).
+      nfe: int32 scalar, the exact number of network evaluations (dynamic for adaptive solvers).
+      trajectory: the states at every grid time, (num_steps + 1, *x.shape), from ``x_init`` to the
+        last (plus the final denoised state when there is one); None where a sampler has no grid
+        (the adaptive solver).
+      denoised: the x0 prediction of each step, (num_steps, *x.shape): the one its first network
+        evaluation makes at the step's start (after any churn); None where there is none.
+
+    The trajectory costs nothing unless it is returned from the compiled program: ``sample`` drops
+    it unless asked (``record=True``), and JAX removes unused scan outputs.
+    """
 
     samples: Array
-    nfe: Array  # int32 scalar: exact number of network evaluations (dynamic for adaptive solvers)
+    nfe: Array
+    trajectory: Array | None = None
+    denoised: Array | None = None
 
 
 SamplerFn = Callable[..., SampleResult]
@@ -248,20 +264,31 @@ def standard_normal(key: Array, like: Array) -> Array:
 
 
 def scan_time_grid(
-    step: Callable[[Any, Array, Array, Array], Any], carry: Any, times: Array, key: Array
-) -> Any:
-    """Run ``carry = step(carry, t, s, step_key)`` for consecutive (t, s) of ``times`` in one lax.scan.
+    step: Callable[[Array, Array, Array, Array], tuple[Array, Array]],
+    x_init: Array,
+    times: Array,
+    key: Array,
+    nfe: int,
+) -> SampleResult:
+    """Run ``x, x0_pred = step(x, t, s, step_key)`` for consecutive (t, s) of ``times`` in one lax.scan.
 
     Step i goes from t = times[i] to s = times[i + 1] with ``step_key = split(key, num_steps)[i]``
-    (the noise convention of the module docstring). The carry keeps its dtypes: a float64 process
-    coefficient never promotes float32 samples.
+    (the noise convention of the module docstring) and returns the new state and the x0 prediction
+    its first network evaluation made. The state keeps its dtype: a float64 process coefficient never
+    promotes float32 samples. Returns the SampleResult with the trajectory, the predictions and
+    ``nfe`` (the sampler's static count).
     """
+    x_init = jnp.asarray(x_init)
     step_keys = jax.random.split(key, num_steps_of(times))
 
-    def body(current, inputs):
+    def body(x, inputs):
         t, s, step_key = inputs
-        updated = step(current, t, s, step_key)
-        return jax.tree.map(lambda new, old: new.astype(old.dtype), updated, current), None
+        x_next, denoised = step(x, t, s, step_key)
+        x_next = x_next.astype(x.dtype)
+        return x_next, (x_next, denoised.astype(x.dtype))
 
-    final, _ = jax.lax.scan(body, carry, (times[:-1], times[1:], step_keys))
-    return final
+    final, (states, denoised) = jax.lax.scan(body, x_init, (times[:-1], times[1:], step_keys))
+    trajectory = jnp.concatenate([x_init[None], states])
+    return SampleResult(
+        samples=final, nfe=constant_nfe(nfe), trajectory=trajectory, denoised=denoised
+    )

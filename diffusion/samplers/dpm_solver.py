@@ -1,22 +1,9 @@
 """DPM-Solver and DPM-Solver++: exponential integrators of the probability-flow ODE in log-SNR time.
 
-With the half log-SNR lambda = log(alpha / sigma) as the time variable, the probability-flow ODE of every
-linear-Gaussian process has an exactly solvable linear part. Its solution from s to t, h = lambda_t -
-lambda_s > 0, is (Lu et al. 2022, "DPM-Solver", eq. 3.4; Lu et al. 2022, "DPM-Solver++", eq. 8)
-
-    eps form: x_t = (alpha_t/alpha_s) x_s - alpha_t int_{lambda_s}^{lambda_t} e^{-lambda} eps dlambda
-    x0 form:  x_t = (sigma_t/sigma_s) x_s + sigma_t int_{lambda_s}^{lambda_t} e^{lambda} x0 dlambda
-
-and the solvers differ only in how they approximate the prediction inside the integral: a Taylor
-polynomial in lambda whose coefficients are finite differences of network evaluations, either inside
-the step (singlestep, Runge-Kutta-like) or from previous steps (multistep, Adams-like). Integrating the
-Taylor term of degree n exactly gives the weight h phi_{n+1}(h) (eps form) or h phi_{n+1}(-h) (x0 form)
-of the exponential-integrator phi-functions (``_phi``). The data-prediction form is the noise-prediction
-form under the symmetry alpha <-> sigma, lambda -> -lambda, so one step function serves both.
-
-Everything is written with the process's log alpha, log sigma and lambda, and the denoiser's (eps, x0)
-views, so every solver runs every process (VP, sub-VP, VE, cosine, DDPM, SMLD, EDM) and every
-parameterization.
+The integrator, its phi-functions and the step shared by every solver of this family are in
+``diffusion.samplers.exponential``; the solvers here approximate the prediction inside its integral
+by a Taylor polynomial in lambda whose coefficients are finite differences of network evaluations,
+either inside the step (singlestep, Runge-Kutta-like) or from previous steps (multistep, Adams-like).
 
 Registered samplers (``SamplerSpec`` in ``diffusion.samplers.base``):
 
@@ -30,17 +17,18 @@ Registered samplers (``SamplerSpec`` in ``diffusion.samplers.base``):
   (Lu et al. 2022b, Alg. 1 and 2, and the third-order multistep of its App. B), with optional dynamic
   thresholding of the x0 prediction (Saharia et al. 2022).
 
-The multistep solvers warm up with lower orders on their first steps; ``lower_order_final`` also lowers
-the order of the last steps when num_steps < ``LOWER_ORDER_FINAL_MAX_STEPS`` (15, as documented in the
-official DPM-Solver code, whose implementation uses 10), which stabilises few-step sampling.
+The multistep solvers warm up with lower orders on their first steps, and (``lower_order_final``) take
+a step at a lower order when it is much longer in lambda than the one before
+(``exponential.multistep_orders``): the coefficients that extrapolate the model over a step rho times
+longer than the history it comes from grow like rho^(order - 1), which on a uniform-t grid (whose last
+log-SNR step is about 4x the one before) made the errors of DPM-Solver's count rule (lower the order of
+the last steps below 15 steps) grow with NFE.
 """
 
 from __future__ import annotations
 
-import functools
-import math
 from collections.abc import Callable, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -62,10 +50,20 @@ from diffusion.samplers.base import (
     require_real,
     two_evaluations_per_step,
 )
-from diffusion.shapes import expand_to
+from diffusion.samplers.exponential import (
+    ModelFn,
+    Node,
+    dispatch,
+    exponential_step,
+    grid_steps,
+    model_fn,
+    multistep_orders,
+    node,
+    node_at_fraction,
+    thresholder,
+)
 
 __all__ = [
-    "LOWER_ORDER_FINAL_MAX_STEPS",
     "ORDERS",
     "dpm_solver",
     "dpm_solver_fast",
@@ -73,14 +71,10 @@ __all__ = [
     "dpm_solver_pp_2m",
     "dpm_solver_pp_2s",
     "dpm_solver_pp_3m",
-    "dynamic_threshold",
     "fast_orders",
-    "multistep_orders",
 ]
 
 ORDERS = (1, 2, 3)
-LOWER_ORDER_FINAL_MAX_STEPS = 15
-
 # Intermediate points of the singlestep solvers as fractions of the lambda step (Lu et al. 2022, Alg. 1-2).
 _SECOND_ORDER_FRACTIONS = (0.5,)
 _THIRD_ORDER_FRACTIONS = (1.0 / 3.0, 2.0 / 3.0)
@@ -140,167 +134,47 @@ def _default_fast_orders(num_steps: int) -> tuple[int, ...]:
     return (3,) * (num_steps - 1) + (1,)
 
 
-def multistep_orders(num_steps: int, order: int, lower_order_final: bool) -> tuple[int, ...]:
-    """Per-step orders of the multistep solvers (Lu et al. 2022b, App. B; official DPM-Solver code).
-
-    Step i (0-based) has only i previous evaluations, so its order is min(order, i + 1) (warm-up); with
-    ``lower_order_final`` and num_steps < LOWER_ORDER_FINAL_MAX_STEPS it is also at most num_steps - i,
-    so the last step is first order and the one before at most second order.
-    """
-    orders = np.minimum(order, np.arange(1, num_steps + 1))
-    if lower_order_final and num_steps < LOWER_ORDER_FINAL_MAX_STEPS:
-        orders = np.minimum(orders, np.arange(num_steps, 0, -1))
-    return tuple(int(o) for o in orders)
-
-
-# ================================================================================ dynamic thresholding
-def dynamic_threshold(x0: ArrayLike, ratio: float = 0.995, max_value: float = 1.0) -> Array:
-    """Dynamic thresholding of an x0 prediction (Saharia et al. 2022, "Imagen", Sec. 2.3).
-
-    Per example, s = max(max_value, quantile_ratio(|x0|)) (linear-interpolation quantile over all
-    non-batch entries); x0 is clipped to [-s, s] and scaled by max_value / s. With max_value = 1 this is
-    Imagen's rule for data in [-1, 1] (and DPM-Solver++'s, Lu et al. 2022b, Sec. 5); for another
-    max_value it keeps the output in [-max_value, max_value]. It is the identity whenever every
-    |x0| <= max_value.
-    """
-    x0 = jnp.asarray(x0)
-    magnitudes = jnp.abs(x0).reshape(x0.shape[0], -1)
-    bound = jnp.maximum(jnp.quantile(magnitudes, ratio, axis=1), max_value)
-    bound = expand_to(bound, x0)
-    return jnp.clip(x0, -bound, bound) * (max_value / bound)
-
-
-# ================================================================================ the exponential step
-class _Node(NamedTuple):
-    """A time with its log alpha and log sigma (a pytree, so grids of nodes go through lax.scan)."""
-
-    t: Array
-    log_alpha: Array
-    log_sigma: Array
-
-    @property
-    def log_snr(self) -> Array:
-        return self.log_alpha - self.log_sigma
-
-
-def _node(process: Process, t: ArrayLike) -> _Node:
-    return _Node(jnp.asarray(t), process.log_alpha(t), process.log_sigma(t))
-
-
-def _node_at_fraction(process: Process, start: _Node, end: _Node, fraction: float) -> _Node:
-    """The node at lambda_s + fraction * h, converted to time by the process's exact inverse."""
-    log_snr = start.log_snr + fraction * (end.log_snr - start.log_snr)
-    return _node(process, process.t_from_log_snr(log_snr))
-
-
-def _phi(h: Array, n: int) -> Array:
-    """h phi_{n+1}(h) = h^{-n} int_0^h e^{h - tau} tau^n / n! dtau: the weight of the Taylor term of degree n.
-
-    phi_1(h) = (e^h - 1)/h and phi_{k+1}(h) = (phi_k(h) - 1/k!)/h are the exponential-integrator
-    phi-functions; h phi_1 = expm1(h), h phi_2 = expm1(h)/h - 1, h phi_3 = expm1(h)/h^2 - 1/h - 1/2
-    (Lu et al. 2022, eq. 3.6; Lu et al. 2022b, App. B).
-    """
-    weight = jnp.expm1(h)
-    for k in range(1, n + 1):
-        weight = weight / h - 1.0 / math.factorial(k)
-    return weight
-
-
-def _exponential_step(
-    prediction: str, x: Array, start: _Node, end: _Node, terms: Sequence[tuple[int, Array]]
-) -> Array:
-    """x at ``end`` from x at ``start`` given Taylor terms (n, D_n), D_n ~ h^n d^n m / dlambda^n.
-
-    noise prediction: x_t = (alpha_t/alpha_s) x_s - sigma_t sum_n h phi_{n+1}(h) D_n
-    (Lu et al. 2022, eq. 3.6); data prediction: x_t = (sigma_t/sigma_s) x_s + alpha_t sum_n
-    h phi_{n+1}(-h) D_n (Lu et al. 2022b, eq. 9), with h = lambda_t - lambda_s. In terms of
-    ``_phi(s, n)`` = s phi_{n+1}(s) both are ``scale x - weight sum_n _phi(+-h, n) D_n``.
-    """
-    h = end.log_snr - start.log_snr
-    if prediction == "eps":
-        scale = jnp.exp(end.log_alpha - start.log_alpha)
-        weight = jnp.exp(end.log_sigma)
-        signed_h = h
-    else:
-        scale = jnp.exp(end.log_sigma - start.log_sigma)
-        weight = jnp.exp(end.log_alpha)
-        signed_h = -h
-    update = sum(_phi(signed_h, n) * derivative for n, derivative in terms)
-    return (scale * x - weight * update).astype(x.dtype)
-
-
-_ModelFn = Callable[[Array, Array], Array]
-
-
-def _model_fn(
-    denoiser: Denoiser, prediction: str, threshold: Callable[[Array], Array] | None
-) -> _ModelFn:
-    """m(x, t): the eps prediction, or the (optionally thresholded) x0 prediction: one network call."""
-
-    def model(x: Array, t: Array) -> Array:
-        eps, x0 = denoiser.predict(x, t)
-        if prediction == "eps":
-            return eps.astype(x.dtype)
-        return (x0 if threshold is None else threshold(x0)).astype(x.dtype)
-
-    return model
-
-
-def _grid_steps(process: Process, times: ArrayLike) -> tuple[_Node, _Node]:
-    """The start and end nodes of every step of a time grid, stacked for lax.scan."""
-    nodes = _node(process, jnp.asarray(times))
-    starts = jax.tree_util.tree_map(lambda a: a[:-1], nodes)
-    ends = jax.tree_util.tree_map(lambda a: a[1:], nodes)
-    return starts, ends
-
-
-def _dispatch(branches: Sequence[Callable[..., Array]], order: Array, *operands) -> Array:
-    """branches[order - 1](*operands): a direct call for a single branch, else one lax.switch."""
-    if len(branches) == 1:
-        return branches[0](*operands)
-    return jax.lax.switch(order - 1, branches, *operands)
-
-
 # ================================================================================ singlestep
 def _singlestep_update(
     order: int,
-    model: _ModelFn,
+    model: ModelFn,
     prediction: str,
     process: Process,
     x: Array,
-    start: _Node,
-    end: _Node,
+    start: Node,
+    end: Node,
+    m_start: Array,
 ) -> Array:
-    """One singlestep DPM-Solver step of ``order`` from start to end (``order`` network calls).
+    """One singlestep DPM-Solver step of ``order`` from start to end (``order`` network calls, the
+    first, ``m_start``, made by the caller).
 
     Order 1 is DPM-Solver-1 = DDIM (Lu et al. 2022, eq. 3.7); order 2 is Alg. 1 (r1 = 1/2) and
     order 3 is Alg. 2 (r1 = 1/3, r2 = 2/3) of Lu et al. 2022 in noise prediction, and in data
     prediction order 2 is DPM-Solver++(2S) (Lu et al. 2022b, Alg. 1). The intermediate nodes sit at
     fractions r of the lambda step; the realised ratios (exact up to the inverse t(lambda)) are used.
     """
-    m_start = model(x, start.t)
     if order == 1:
-        return _exponential_step(prediction, x, start, end, [(0, m_start)])
+        return exponential_step(prediction, x, start, end, [(0, m_start)])
     h = end.log_snr - start.log_snr
     if order == 2:
         (fraction,) = _SECOND_ORDER_FRACTIONS
-        mid = _node_at_fraction(process, start, end, fraction)
+        mid = node_at_fraction(process, start, end, fraction)
         r1 = (mid.log_snr - start.log_snr) / h
-        x_mid = _exponential_step(prediction, x, start, mid, [(0, m_start)])
+        x_mid = exponential_step(prediction, x, start, mid, [(0, m_start)])
         # m_s + (m_s1 - m_s) / (2 r1) integrated with the first-order weight (Lu et al. 2022, Alg. 1).
-        combined = m_start + (model(x_mid, mid.t) - m_start) / (2.0 * r1)
-        return _exponential_step(prediction, x, start, end, [(0, combined)])
-    first, second = (_node_at_fraction(process, start, end, f) for f in _THIRD_ORDER_FRACTIONS)
+        combined = m_start + (model(x_mid, mid.t)[0] - m_start) / (2.0 * r1)
+        return exponential_step(prediction, x, start, end, [(0, combined)])
+    first, second = (node_at_fraction(process, start, end, f) for f in _THIRD_ORDER_FRACTIONS)
     r1 = (first.log_snr - start.log_snr) / h
     r2 = (second.log_snr - start.log_snr) / h
-    x_first = _exponential_step(prediction, x, start, first, [(0, m_start)])
-    diff_first = model(x_first, first.t) - m_start
+    x_first = exponential_step(prediction, x, start, first, [(0, m_start)])
+    diff_first = model(x_first, first.t)[0] - m_start
     # u2 of Lu et al. 2022, Alg. 2: the step to s2 corrected by (r2/r1) D1 with weight h2 phi_2(h2).
-    x_second = _exponential_step(
+    x_second = exponential_step(
         prediction, x, start, second, [(0, m_start), (1, (r2 / r1) * diff_first)]
     )
-    diff_second = model(x_second, second.t) - m_start
-    return _exponential_step(prediction, x, start, end, [(0, m_start), (1, diff_second / r2)])
+    diff_second = model(x_second, second.t)[0] - m_start
+    return exponential_step(prediction, x, start, end, [(0, m_start), (1, diff_second / r2)])
 
 
 def _singlestep_sample(
@@ -313,20 +187,30 @@ def _singlestep_sample(
 ) -> SampleResult:
     """Singlestep DPM-Solver over the grid with per-step ``orders`` (static), in one lax.scan."""
     process = denoiser.process
-    model = _model_fn(denoiser, prediction, threshold)
-    starts, ends = _grid_steps(process, times)
+    x_init = jnp.asarray(x_init)
+    model = model_fn(denoiser, prediction, threshold)
+    starts, ends = grid_steps(process, times)
     branches = [
-        lambda x, s, t, order=order: _singlestep_update(order, model, prediction, process, x, s, t)
+        lambda x, s, t, m, order=order: _singlestep_update(
+            order, model, prediction, process, x, s, t, m
+        )
         for order in range(1, max(orders) + 1)
     ]
 
     def body(x, step):
         start, end, order = step
-        return _dispatch(branches, order, x, start, end), None
+        m_start, x0_start = model(x, start.t)
+        x_next = dispatch(branches, order, x, start, end, m_start)
+        return x_next, (x_next, x0_start)
 
     steps = (starts, ends, jnp.asarray(orders, dtype=jnp.int32))
-    samples, _ = jax.lax.scan(body, jnp.asarray(x_init), steps)
-    return SampleResult(samples=samples, nfe=constant_nfe(sum(orders)))
+    samples, (states, denoised) = jax.lax.scan(body, x_init, steps)
+    return SampleResult(
+        samples=samples,
+        nfe=constant_nfe(sum(orders)),
+        trajectory=jnp.concatenate([x_init[None], states]),
+        denoised=denoised,
+    )
 
 
 # ================================================================================ multistep
@@ -334,8 +218,8 @@ def _multistep_update(
     order: int,
     prediction: str,
     x: Array,
-    start: _Node,
-    end: _Node,
+    start: Node,
+    end: Node,
     model_history: tuple[Array, ...],
     log_snr_history: tuple[Array, ...],
 ) -> Array:
@@ -350,11 +234,11 @@ def _multistep_update(
     h = end.log_snr - start.log_snr
     m_0 = model_history[0]
     if order == 1:
-        return _exponential_step(prediction, x, start, end, [(0, m_0)])
+        return exponential_step(prediction, x, start, end, [(0, m_0)])
     r_0 = (log_snr_history[0] - log_snr_history[1]) / h
     diff_0 = (m_0 - model_history[1]) / r_0
     if order == 2:
-        return _exponential_step(prediction, x, start, end, [(0, m_0 + 0.5 * diff_0)])
+        return exponential_step(prediction, x, start, end, [(0, m_0 + 0.5 * diff_0)])
     r_1 = (log_snr_history[1] - log_snr_history[2]) / h
     diff_1 = (model_history[1] - model_history[2]) / r_1
     first_derivative = diff_0 + r_0 / (r_0 + r_1) * (diff_0 - diff_1)
@@ -362,27 +246,30 @@ def _multistep_update(
     # h^2 m''; with that its 3M solvers converge with global order 2 only on Gaussian data.
     second_derivative = 2.0 * (diff_0 - diff_1) / (r_0 + r_1)
     terms = [(0, m_0), (1, first_derivative), (2, second_derivative)]
-    return _exponential_step(prediction, x, start, end, terms)
+    return exponential_step(prediction, x, start, end, terms)
 
 
 def _multistep_sample(
     denoiser: Denoiser,
     x_init: ArrayLike,
     times: ArrayLike,
-    orders: tuple[int, ...],
+    order: int,
+    lower_order_final: bool,
     prediction: str,
     threshold: Callable[[Array], Array] | None = None,
 ) -> SampleResult:
-    """Multistep DPM-Solver(++) with per-step ``orders`` (static), one network call per step.
+    """Multistep DPM-Solver(++) of ``order`` (orders per step: ``multistep_orders``), one network call
+    per step.
 
-    The scan carries x and the last max(orders) - 1 model evaluations; step i evaluates the model at
+    The scan carries x and the last order - 1 model evaluations; step i evaluates the model at
     times[i] and steps to times[i + 1], so the evaluation at the final time is never made.
     """
     process = denoiser.process
     x_init = jnp.asarray(x_init)
-    model = _model_fn(denoiser, prediction, threshold)
-    starts, ends = _grid_steps(process, times)
-    depth = max(orders)
+    model = model_fn(denoiser, prediction, threshold)
+    starts, ends = grid_steps(process, times)
+    orders = multistep_orders(node(process, jnp.asarray(times)).log_snr, order, lower_order_final)
+    depth = order
     branches = [
         lambda x, s, t, m, lam, order=order: _multistep_update(order, prediction, x, s, t, m, lam)
         for order in range(1, depth + 1)
@@ -390,11 +277,12 @@ def _multistep_sample(
 
     def body(carry, step):
         x, model_history, log_snr_history = carry
-        start, end, order = step
-        models = (model(x, start.t), *model_history)
+        start, end, step_order = step
+        m_start, x0_start = model(x, start.t)
+        models = (m_start, *model_history)
         log_snrs = (start.log_snr, *log_snr_history)
-        x_next = _dispatch(branches, order, x, start, end, models, log_snrs)
-        return (x_next, models[: depth - 1], log_snrs[: depth - 1]), None
+        x_next = dispatch(branches, step_order, x, start, end, models, log_snrs)
+        return (x_next, models[: depth - 1], log_snrs[: depth - 1]), (x_next, x0_start)
 
     # Placeholders for the evaluations before the grid starts, which the warm-up orders never read:
     # zeros at lambdas extrapolated backwards with the first step (finite, distinct: no 0/0 anywhere).
@@ -404,21 +292,16 @@ def _multistep_sample(
         tuple(jnp.zeros_like(x_init) for _ in range(depth - 1)),
         tuple(starts.log_snr[0] - k * first_step for k in range(1, depth)),
     )
-    steps = (starts, ends, jnp.asarray(orders, dtype=jnp.int32))
-    (samples, _, _), _ = jax.lax.scan(body, initial, steps)
-    return SampleResult(samples=samples, nfe=constant_nfe(len(orders)))
+    (samples, _, _), (states, denoised) = jax.lax.scan(body, initial, (starts, ends, orders))
+    return SampleResult(
+        samples=samples,
+        nfe=constant_nfe(num_steps_of(times)),
+        trajectory=jnp.concatenate([x_init[None], states]),
+        denoised=denoised,
+    )
 
 
 # ================================================================================ the six solvers
-def _thresholder(
-    thresholding: bool, ratio: float, max_value: float
-) -> Callable[[Array], Array] | None:
-    """``dynamic_threshold`` with these settings, or None when thresholding is off."""
-    if not thresholding:
-        return None
-    return functools.partial(dynamic_threshold, ratio=ratio, max_value=max_value)
-
-
 def _fast_step_orders(num_steps: int, orders: Sequence[int] | None) -> tuple[int, ...]:
     """DPM-Solver-fast's per-step orders: ``orders`` (one per step) or (3, ..., 3, 1)."""
     if orders is None:
@@ -514,8 +397,7 @@ def dpm_solver_multistep(
     See ``multistep_orders`` for the warm-up and final orders. Deterministic: ``key`` is unused.
     """
     del key
-    orders = multistep_orders(num_steps_of(jnp.asarray(times)), order, lower_order_final)
-    return _multistep_sample(denoiser, x_init, times, orders, "eps")
+    return _multistep_sample(denoiser, x_init, times, order, lower_order_final, "eps")
 
 
 @register_sampler(
@@ -542,7 +424,7 @@ def dpm_solver_pp_2s(
     thresholding_max_value]. Deterministic: ``key`` is unused.
     """
     del key
-    threshold = _thresholder(thresholding, thresholding_ratio, thresholding_max_value)
+    threshold = thresholder(thresholding, thresholding_ratio, thresholding_max_value)
     orders = (2,) * num_steps_of(jnp.asarray(times))
     return _singlestep_sample(denoiser, x_init, times, orders, "x0", threshold)
 
@@ -562,9 +444,8 @@ def _dpm_solver_pp_multistep(order: int) -> SamplerFn:
         thresholding_max_value: float = 1.0,
     ) -> SampleResult:
         del key
-        threshold = _thresholder(thresholding, thresholding_ratio, thresholding_max_value)
-        orders = multistep_orders(num_steps_of(jnp.asarray(times)), order, lower_order_final)
-        return _multistep_sample(denoiser, x_init, times, orders, "x0", threshold)
+        threshold = thresholder(thresholding, thresholding_ratio, thresholding_max_value)
+        return _multistep_sample(denoiser, x_init, times, order, lower_order_final, "x0", threshold)
 
     sampler.__name__ = f"dpm_solver_pp_{order}m"
     sampler.__doc__ = (

@@ -21,11 +21,17 @@ import math
 import jax.numpy as jnp
 from jax import Array
 
-from diffusion.flow import ADAPTIVE_SOLVERS, TIME_VARIABLES, probability_flow, solve_adaptive
+from diffusion.flow import (
+    ADAPTIVE_SOLVERS,
+    TIME_VARIABLES,
+    probability_flow,
+    probability_flow_and_x0,
+    probability_flow_field,
+    solve_adaptive,
+)
 from diffusion.parameterization import Denoiser
 from diffusion.samplers.base import (
     SampleResult,
-    constant_nfe,
     num_steps_of,
     one_evaluation_per_step,
     register_sampler,
@@ -47,20 +53,22 @@ __all__ = [
 ]
 
 
-def euler_step(denoiser: Denoiser, x: Array, t: Array, s: Array) -> Array:
-    """Euler step of the probability-flow ODE from t to s: x + (s - t) dx/dt(x, t)."""
-    return x + (s - t) * probability_flow(denoiser, x, t)
+def euler_step(denoiser: Denoiser, x: Array, t: Array, s: Array) -> tuple[Array, Array]:
+    """Euler step of the probability-flow ODE from t to s: (x + (s - t) dx/dt(x, t), x0_pred)."""
+    slope, x0_pred = probability_flow_and_x0(denoiser, x, t)
+    return x + (s - t) * slope, x0_pred
 
 
-def heun_step(denoiser: Denoiser, x: Array, t: Array, s: Array) -> Array:
+def heun_step(denoiser: Denoiser, x: Array, t: Array, s: Array) -> tuple[Array, Array]:
     """Heun step from t to s (Karras et al. 2022, Alg. 1 lines 5-8): two network evaluations.
 
-    d = dx/dt(x, t), x' = x + (s - t) d, x_s = x + (s - t) (d + dx/dt(x', s)) / 2.
+    d = dx/dt(x, t), x' = x + (s - t) d, x_s = x + (s - t) (d + dx/dt(x', s)) / 2; returns
+    (x_s, x0 prediction at (x, t)).
     """
-    slope = probability_flow(denoiser, x, t)
+    slope, x0_pred = probability_flow_and_x0(denoiser, x, t)
     x_euler = x + (s - t) * slope
     slope_end = probability_flow(denoiser, x_euler, s)
-    return x + (s - t) * 0.5 * (slope + slope_end)
+    return x + (s - t) * 0.5 * (slope + slope_end), x0_pred
 
 
 @register_sampler(
@@ -77,8 +85,7 @@ def euler(denoiser: Denoiser, key: Array, x_init: Array, times: Array) -> Sample
     def step(x, t, s, step_key):
         return euler_step(denoiser, x, t, s)
 
-    samples = scan_time_grid(step, x_init, times, key)
-    return SampleResult(samples=samples, nfe=constant_nfe(num_steps_of(times)))
+    return scan_time_grid(step, x_init, times, key, nfe=num_steps_of(times))
 
 
 @register_sampler(
@@ -96,9 +103,8 @@ def heun(denoiser: Denoiser, key: Array, x_init: Array, times: Array) -> SampleR
     def step(x, t, s, step_key):
         return heun_step(denoiser, x, t, s)
 
-    samples = scan_time_grid(step, x_init, times, key)
-    return SampleResult(
-        samples=samples, nfe=constant_nfe(two_evaluations_per_step(num_steps_of(times)))
+    return scan_time_grid(
+        step, x_init, times, key, nfe=two_evaluations_per_step(num_steps_of(times))
     )
 
 
@@ -124,10 +130,10 @@ def edm_stochastic(
     x_init: Array,
     times: Array,
     *,
-    S_churn: float = 0.0,
-    S_tmin: float = 0.0,
-    S_tmax: float = math.inf,
-    S_noise: float = 1.0,
+    S_churn: float = 40.0,
+    S_tmin: float = 0.05,
+    S_tmax: float = 50.0,
+    S_noise: float = 1.003,
 ) -> SampleResult:
     """Karras et al. 2022, Algorithm 2 (stochastic sampler), generalised to any process.
 
@@ -138,10 +144,10 @@ def edm_stochastic(
     (for EDM, sigma = t: x + sqrt(t_hat^2 - t^2) S_noise z, Alg. 2 lines 4-5); then a Heun step from
     t_hat to s (lines 6-10). NFE = 2 num_steps.
 
-    Defaults (S_churn = 0, S_tmin = 0, S_tmax = inf, S_noise = 1) make it exactly Heun. Karras et al.'s
-    settings (Table 5): CIFAR-10 VP S_churn = 30, S_tmin = 0.01, S_tmax = 1, S_noise = 1.007; CIFAR-10
-    VE 80, 0.05, 1, 1.007; ImageNet-64 (pre-trained ADM) 80, 0.05, 50, 1.003; ImageNet-64 (their
-    model) 40, 0.05, 50, 1.003.
+    The defaults are Karras et al.'s ImageNet-64 settings for their own model (Table 5: S_churn = 40,
+    S_tmin = 0.05, S_tmax = 50, S_noise = 1.003); their others: CIFAR-10 VP 30, 0.01, 1, 1.007;
+    CIFAR-10 VE 80, 0.05, 1, 1.007; ImageNet-64 with ADM's network 80, 0.05, 50, 1.003. S_churn = 0
+    (or S_noise = 0) makes it Heun's method exactly (``heun``).
     """
     process = denoiser.process
     gamma_max = min(S_churn / num_steps_of(times), math.sqrt(2.0) - 1.0)
@@ -158,20 +164,28 @@ def edm_stochastic(
         x_hat = scale * x + S_noise * std * standard_normal(step_key, x)
         return heun_step(denoiser, x_hat, t_hat, s)
 
-    samples = scan_time_grid(step, x_init, times, key)
-    return SampleResult(
-        samples=samples, nfe=constant_nfe(two_evaluations_per_step(num_steps_of(times)))
+    return scan_time_grid(
+        step, x_init, times, key, nfe=two_evaluations_per_step(num_steps_of(times))
     )
 
 
 def _validate_adaptive(
-    *, solver: str, rtol: float, atol: float, max_steps: int, time_variable: str
+    *,
+    solver: str,
+    rtol: float,
+    atol: float,
+    max_steps: int,
+    max_nfe: int | None,
+    time_variable: str,
 ) -> None:
     require_choice("solver", solver, tuple(ADAPTIVE_SOLVERS))
     require_choice("time_variable", time_variable, TIME_VARIABLES)
     require_real("rtol", rtol, low=0.0, low_open=True)
     require_real("atol", atol, low=0.0, low_open=True)
     require_int("max_steps", max_steps, low=1)
+    if max_nfe is not None:
+        stages = len(ADAPTIVE_SOLVERS[solver].tableau.c)
+        require_int("max_nfe", max_nfe, low=1 + stages)  # the first slope and one step
 
 
 @register_sampler(
@@ -190,6 +204,7 @@ def adaptive(
     rtol: float = 1e-5,
     atol: float = 1e-5,
     max_steps: int = 4096,
+    max_nfe: int | None = None,
     time_variable: str = "t",
 ) -> SampleResult:
     """Adaptive Runge-Kutta solve of the probability-flow ODE from times[0] to times[-1] (diffrax).
@@ -197,11 +212,15 @@ def adaptive(
     Only the grid's end points matter. ``solver``: 'dopri5' (Dormand & Prince 1980, the RK45 of
     score_sde's ODE sampler) or 'tsit5' (Tsitouras 2011); ``rtol``/``atol`` feed diffrax's PID
     controller (score_sde: 1e-5 both); ``time_variable`` 't' or 'log_snr' (use 'log_snr' for DDPM's
-    piecewise continuous view); hitting ``max_steps`` raises at run time. The whole batch shares one
-    step size. NFE is exact (see ``diffusion.flow.solve_adaptive``). ``key`` is unused.
+    piecewise continuous view); ``max_nfe`` caps the network evaluations (NFE = 1 + stages x steps,
+    so at most (max_nfe - 1) // stages steps, accepted or rejected); hitting the step limit raises at
+    run time. The whole batch shares one step size. NFE is exact (see
+    ``diffusion.flow.solve_adaptive``). ``key`` is unused.
     """
+    if max_nfe is not None:
+        max_steps = min(max_steps, (max_nfe - 1) // len(ADAPTIVE_SOLVERS[solver].tableau.c))
     x_end, nfe = solve_adaptive(
-        _probability_flow_field,
+        probability_flow_field,
         x_init,
         times[0],
         times[-1],
@@ -214,7 +233,3 @@ def adaptive(
         max_steps=max_steps,
     )
     return SampleResult(samples=x_end, nfe=nfe)
-
-
-def _probability_flow_field(t: Array, x: Array, denoiser: Denoiser) -> Array:
-    return probability_flow(denoiser, x, t)

@@ -59,39 +59,52 @@ NCSN_STEP_RATIO = 2e-5 / 0.01**2
 
 
 # ================================================================================ predictors
-def euler_maruyama_step(denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array) -> Array:
+def _score_and_x0(denoiser: Denoiser, x: Array, t: Array) -> tuple[Array, Array]:
+    """(score, x0) from one network evaluation: score = -eps / sigma (Song et al. 2021)."""
+    eps, x0 = denoiser.predict(x, t)
+    return -eps / expand_to(denoiser.process.sigma(t), eps), x0
+
+
+def euler_maruyama_step(
+    denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array
+) -> tuple[Array, Array]:
     """Euler-Maruyama step of the reverse SDE from t to s < t (Song et al. 2021, eq. 6).
 
-    x_s = x_t - (f(t) x_t - g(t)^2 score) dt + g(t) sqrt(dt) z with dt = t - s. One network evaluation.
+    x_s = x_t - (f(t) x_t - g(t)^2 score) dt + g(t) sqrt(dt) z with dt = t - s. One network evaluation;
+    returns (x_s, x0_pred).
     """
     process = denoiser.process
-    score = denoiser.score(x, t)
+    score, x0_pred = _score_and_x0(denoiser, x, t)
     step = t - s
     diffusion_sq = process.diffusion_sq(t)
     drift = process.drift_coef(t) * x - diffusion_sq * score  # reverse-SDE drift (eq. 6)
-    return x - drift * step + jnp.sqrt(diffusion_sq * step) * standard_normal(key, x)
+    return x - drift * step + jnp.sqrt(diffusion_sq * step) * standard_normal(key, x), x0_pred
 
 
-def reverse_diffusion_step(denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array) -> Array:
+def reverse_diffusion_step(
+    denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array
+) -> tuple[Array, Array]:
     """Reverse-diffusion predictor from t to s (Song et al. 2021, App. E eqs. 46-47).
 
     With the forward discretisation x_t = scale x_s + G z given by ``process.transition(s, t)`` =
     (scale, G), f_disc = (scale - 1) x and x_s = x_t - f_disc + G^2 score + G z. It agrees with the
     ancestral 'beta' step to O(beta^2) (docs/references.md, "Reverse-diffusion predictor"). One
-    network evaluation.
+    network evaluation; returns (x_s, x0_pred).
     """
     scale, transition_std = denoiser.process.transition(s, t)
-    score = denoiser.score(x, t)
+    score, x0_pred = _score_and_x0(denoiser, x, t)
     discrete_drift = (scale - 1.0) * x
-    return x - discrete_drift + transition_std**2 * score + transition_std * standard_normal(key, x)
+    noise = transition_std * standard_normal(key, x)
+    return x - discrete_drift + transition_std**2 * score + noise, x0_pred
 
 
-PredictorStep = Callable[[Denoiser, Array, Array, Array, Array], Array]
+PredictorStep = Callable[[Denoiser, Array, Array, Array, Array], tuple[Array, Array]]
 PREDICTORS = ("euler_maruyama", "reverse_diffusion", "ancestral", "none")
 
 
 def predictor_step(name: str, variance: str = "beta_tilde") -> PredictorStep | None:
-    """The predictor called ``name`` as a step (denoiser, x, t, s, key) -> x_s; None for 'none'.
+    """The predictor called ``name`` as a step (denoiser, x, t, s, key) -> (x_s, x0_pred); None for
+    'none'.
 
     ``variance`` is the ancestral predictor's ('beta_tilde' or 'beta', see ``ancestral_step``).
     """
@@ -119,38 +132,39 @@ def _corrector_alpha(denoiser: Denoiser, t: Array, s: Array) -> Array:
 
 def langevin_corrector_step(
     denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array, snr: float
-) -> Array:
+) -> tuple[Array, Array]:
     """One Langevin corrector step at time t (Song et al. 2021, Alg. 4 (VE) and Alg. 5 (VP)).
 
     eps = 2 alpha_i (snr ||z|| / ||score||)^2, x <- x + eps score + sqrt(2 eps) z, with alpha_i from
     the grid step (t, s) the predictor takes next. As in score_sde, ||z|| and ||score|| are the
     per-example norms averaged over the batch: a per-example ratio ||z||^2 / ||score||^2 is
     F-distributed (in 2-D it has no mean) and occasionally throws samples far away. One network
-    evaluation.
+    evaluation; returns (x, x0_pred).
     """
-    score = denoiser.score(x, t)
+    score, x0_pred = _score_and_x0(denoiser, x, t)
     noise = standard_normal(key, x)
     noise_norm = jnp.mean(jnp.sqrt(sum_except_batch(noise**2)))
     score_norm = jnp.mean(jnp.sqrt(sum_except_batch(score**2)))
     norm_ratio = noise_norm / score_norm
     step_size = 2.0 * _corrector_alpha(denoiser, t, s) * (snr * norm_ratio) ** 2
-    return _langevin_update(x, score, step_size, noise)
+    return _langevin_update(x, score, step_size, noise), x0_pred
 
 
 def annealed_langevin_corrector_step(
     denoiser: Denoiser, x: Array, t: Array, s: Array, key: Array, snr: float
-) -> Array:
+) -> tuple[Array, Array]:
     """One step of score_sde's AnnealedLangevinDynamics corrector at time t.
 
-    eps = 2 alpha_i (snr sigma_t)^2, x <- x + eps score + sqrt(2 eps) z. One network evaluation.
+    eps = 2 alpha_i (snr sigma_t)^2, x <- x + eps score + sqrt(2 eps) z. One network evaluation;
+    returns (x, x0_pred).
     """
-    score = denoiser.score(x, t)
+    score, x0_pred = _score_and_x0(denoiser, x, t)
     noise = standard_normal(key, x)
     step_size = 2.0 * _corrector_alpha(denoiser, t, s) * (snr * denoiser.process.sigma(t)) ** 2
-    return _langevin_update(x, score, step_size, noise)
+    return _langevin_update(x, score, step_size, noise), x0_pred
 
 
-CorrectorStep = Callable[[Denoiser, Array, Array, Array, Array, float], Array]
+CorrectorStep = Callable[[Denoiser, Array, Array, Array, Array, float], tuple[Array, Array]]
 CORRECTORS: dict[str, CorrectorStep | None] = {
     "langevin": langevin_corrector_step,
     "annealed_langevin": annealed_langevin_corrector_step,
@@ -203,6 +217,7 @@ def pc(
     paper's PC sampler (reverse diffusion + Langevin). With predictor 'none' the state is carried
     unchanged from t_i to t_{i+1}, so the last correction happens at times[-2] (score_sde's
     NonePredictor). NFE = num_steps ([predictor != 'none'] + n_corrector_steps [corrector != 'none']).
+    A step's x0 prediction is the predictor's (the last corrector's with predictor 'none').
     """
     predict = predictor_step(predictor, variance)
     correct = CORRECTORS[corrector]
@@ -211,26 +226,27 @@ def pc(
         corrector_keys = jax.random.split(corrector_key, n_corrector_steps)
 
         def body(current, step_key):
-            return correct(denoiser, current, t, s, step_key, snr).astype(current.dtype), None
+            corrected, x0_pred = correct(denoiser, current, t, s, step_key, snr)
+            return corrected.astype(current.dtype), x0_pred
 
-        return jax.lax.scan(body, x, corrector_keys)[0]
+        x, x0_preds = jax.lax.scan(body, x, corrector_keys)
+        return x, x0_preds[-1]
 
     def step(x, t, s, step_key):
         corrector_key, predictor_key = jax.random.split(step_key)
         if correct is not None:
-            x = corrector_step(x, t, s, corrector_key)
+            x, x0_pred = corrector_step(x, t, s, corrector_key)
         if predict is not None:
-            x = predict(denoiser, x, t, s, predictor_key)
-        return x
+            x, x0_pred = predict(denoiser, x, t, s, predictor_key)
+        return x, x0_pred
 
-    samples = scan_time_grid(step, x_init, times, key)
     nfe = _pc_nfe(
         num_steps_of(times),
         predictor=predictor,
         corrector=corrector,
         n_corrector_steps=n_corrector_steps,
     )
-    return SampleResult(samples=samples, nfe=constant_nfe(nfe))
+    return scan_time_grid(step, x_init, times, key, nfe=nfe)
 
 
 def _run_predictor(
@@ -242,8 +258,7 @@ def _run_predictor(
     def step(x, t, s, step_key):
         return predict(denoiser, x, t, s, step_key)
 
-    samples = scan_time_grid(step, x_init, times, key)
-    return SampleResult(samples=samples, nfe=constant_nfe(num_steps_of(times)))
+    return scan_time_grid(step, x_init, times, key, nfe=num_steps_of(times))
 
 
 @register_sampler(
@@ -305,27 +320,33 @@ def annealed_langevin(
     Defaults are NCSN's (n_steps_each = 100; step_lr = 2e-5 at sigma_L = 0.01): ``step_lr=None`` keeps
     NCSN's ratio a_L / sigma_L^2 = 0.2 on any grid (a fixed step_lr of 2e-5 is unstable for grids whose
     sigma_L is well below 0.01, e.g. sub-VP's 1e-4). On the SMLD process,
-    ``time_grid(smld, 'linspace', L - 1)`` visits exactly NCSN's L noise levels.
+    ``time_grid(smld, 'linspace', L - 1)`` visits exactly NCSN's L noise levels. The trajectory is
+    the initial state and the state after each level (num_steps + 2 states); ``denoised`` the last
+    x0 prediction at each level.
     """
     process = denoiser.process
     sigma_last_sq = process.sigma(times[-1]) ** 2
     step_ratio = NCSN_STEP_RATIO if step_lr is None else step_lr / sigma_last_sq
     level_keys = jax.random.split(key, times.shape[0])
+    x_init = jnp.asarray(x_init)
 
     def level(x, inputs):
         t, level_key = inputs
         step_size = step_ratio * process.sigma(t) ** 2  # a_i = eps sigma_i^2 / sigma_L^2 (Alg. 1)
 
         def langevin(current, step_key):
-            score = denoiser.score(current, t)
+            score, x0_pred = _score_and_x0(denoiser, current, t)
             noise = standard_normal(step_key, current)
             updated = current + 0.5 * step_size * score + jnp.sqrt(step_size) * noise
-            return updated.astype(current.dtype), None
+            return updated.astype(current.dtype), x0_pred.astype(current.dtype)
 
-        x = jax.lax.scan(langevin, x, jax.random.split(level_key, n_steps_each))[0]
-        return x, None
+        x, x0_preds = jax.lax.scan(langevin, x, jax.random.split(level_key, n_steps_each))
+        return x, (x, x0_preds[-1])
 
-    samples = jax.lax.scan(level, x_init, (times, level_keys))[0]
+    samples, (states, denoised) = jax.lax.scan(level, x_init, (times, level_keys))
     return SampleResult(
-        samples=samples, nfe=constant_nfe(_annealed_langevin_nfe(num_steps_of(times), n_steps_each))
+        samples=samples,
+        nfe=constant_nfe(_annealed_langevin_nfe(num_steps_of(times), n_steps_each)),
+        trajectory=jnp.concatenate([x_init[None], states]),
+        denoised=denoised,
     )

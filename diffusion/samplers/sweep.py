@@ -52,14 +52,16 @@ def sweep(
     t_end: float | None = None,
     rho: float = 7.0,
     denoise_final: bool = False,
+    denoise_order: int = 1,
     metric: Callable[[np.ndarray], float] | None = None,
     repeats: int = 3,
 ) -> list[dict[str, Any]]:
     """Run every (solver, options) at every NFE on every grid; one record per combination.
 
     ``reference``: samples of the target from the same ``x_init`` (same shape). Each fixed-step solver
-    spends exactly each NFE (``SamplerSpec.steps_for_nfe``, counting the final denoising step when
-    ``denoise_final``); a combination that cannot (e.g. Heun at an odd NFE, an index grid longer than
+    spends exactly each NFE (``SamplerSpec.steps_for_nfe``, counting the final step to sigma = 0 when
+    ``denoise_final``, taken at ``denoise_order`` by deterministic solvers and at order 1 by the
+    others); a combination that cannot (e.g. Heun at an odd NFE, an index grid longer than
     the chain) is recorded with ``skipped`` giving the reason. An adaptive solver (its spec's NFE is
     None) runs once per grid, with ``nfe_target`` None and its counted NFE. Records hold: solver,
     options (as run: defaults and planned options filled in), grid, nfe_target, nfe (reported by
@@ -123,7 +125,10 @@ def sweep(
                 except ValueError as error:
                     record["skipped"] = str(error)
                     continue
-                program = sampler_program(spec.name, denoise_final=denoise_final, **options)
+                order = denoise_order if record["deterministic"] else 1  # no noisy extrapolation
+                program = sampler_program(
+                    spec.name, denoise_final=denoise_final, denoise_order=order, **options
+                )
                 result, seconds = _timed_call(
                     program, (denoiser, key, x_init, times.astype(x_init.dtype)), repeats
                 )

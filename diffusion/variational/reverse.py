@@ -330,12 +330,14 @@ class ReverseModel(ReverseKernelDenoiser):
 
     def reverse_step(
         self, x: ArrayLike, t: ArrayLike, s: ArrayLike, key: Array, **model_kwargs
-    ) -> Array:
-        """Draw x_s ~ p(x_s | x_t) = N(mean, variance): one ancestral step, one network evaluation."""
+    ) -> tuple[Array, Array]:
+        """(x_s ~ p(x_s | x_t) = N(mean, variance), x0_pred): one ancestral step, one network
+        evaluation."""
         x = jnp.asarray(x)
-        mean, log_var = self.reverse_moments(x, t, s, **model_kwargs)
+        _, x0_pred, interpolation = self.predict_with_interpolation(x, t, **model_kwargs)
+        mean, log_var = self.step_moments(x0_pred, interpolation, x, t, s)
         noise = jax.random.normal(key, x.shape, x.dtype)  # the samplers' noise convention
-        return (mean + jnp.exp(0.5 * log_var) * noise).astype(x.dtype)
+        return (mean + jnp.exp(0.5 * log_var) * noise).astype(x.dtype), x0_pred
 
 
 def _is_concrete(*arrays) -> bool:
