@@ -216,19 +216,25 @@ def taylor_terms(nodes: Sequence[Array], values: Sequence[Array]) -> list[tuple[
 
 
 # ================================================================================ the SDE family
-def sde_end(start: Node, end: Node, eta: float | Array) -> Node:
+def sde_end(start: Node, end: Node, eta: float) -> Node:
     """The node whose data-prediction ODE step from ``start`` is the deterministic part of the SDE
-    step of noise rate ``eta`` (module docstring): log sigma lowered by eta h."""
+    step of noise rate ``eta`` (module docstring): log sigma lowered by eta h.
+
+    ``eta`` is a static option: eta = 0 returns ``end`` itself, also where h is infinite (a grid
+    ending at sigma = 0), which 0 * h would turn into NaN.
+    """
+    if eta == 0:
+        return end
     h = end.log_snr - start.log_snr
     return Node(end.t, end.log_alpha, end.log_sigma - eta * h)
 
 
-def stretch(start: Node, log_snrs: Sequence[Array], eta: float | Array) -> tuple[Array, ...]:
+def stretch(start: Node, log_snrs: Sequence[Array], eta: float) -> tuple[Array, ...]:
     """lambda_s + (1 + eta)(lambda_k - lambda_s): the past lambdas on the scale of ``sde_end``."""
     return tuple(start.log_snr + (1.0 + eta) * (log_snr - start.log_snr) for log_snr in log_snrs)
 
 
-def sde_noise_scale(start: Node, end: Node, eta: float | Array) -> Array:
+def sde_noise_scale(start: Node, end: Node, eta: float) -> Array:
     """sigma_t sqrt(1 - e^{-2 eta h}): the standard deviation of the SDE step's noise."""
     h = end.log_snr - start.log_snr
     return jnp.exp(end.log_sigma) * jnp.sqrt(-jnp.expm1(-2.0 * eta * h))
