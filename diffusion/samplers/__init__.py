@@ -23,7 +23,9 @@ from diffusion.samplers import (
     exponential,
     ode,
     predictor_corrector,
+    sa_solver,
     sde,
+    sde_dpm_solver,
     unipc,
 )
 from diffusion.samplers.api import (
