@@ -27,7 +27,7 @@ import optax
 from diffusion import data, guidance, losses, optim, oracle, parallel, samplers, variational
 from diffusion.models import MLP, UNet
 from diffusion.models.noisy_classifier import NoisyClassifier
-from diffusion.models.unet import level_resolutions
+from diffusion.models.unet import REMAT_POLICIES, level_resolutions
 from diffusion.parameterization import Denoiser, DenoiserViews
 from diffusion.processes import PROCESSES, Process, make_process
 from diffusion.variational import LearnedSchedule, ReverseModel
@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 MODELS = ("unet", "mlp")
+COMPUTE_DTYPES = {"float32": None, "bfloat16": jnp.bfloat16}  # None: the U-Net's float32 default
 FEATURE_EXTRACTORS = ("classifier", "inception", "none")
 _IMAGE_SHAPES = {"mnist": (28, 28, 1), "fashion_mnist": (28, 28, 1), "cifar10": (32, 32, 3)}
 IMAGE_CLASSES = (
@@ -561,7 +562,25 @@ def _model(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], is_to
             "True needs model.time_input='log_sigma' (the network divides by exp of its time "
             f"input), got time_input={model_config.time_input!r}",
         )
+    training_config = config.training
+    _require(
+        training_config.remat in REMAT_POLICIES,
+        "training.remat",
+        f"{training_config.remat!r} is not one of {', '.join(REMAT_POLICIES)}",
+    )
+    _require(
+        training_config.compute_dtype in COMPUTE_DTYPES,
+        "training.compute_dtype",
+        f"{training_config.compute_dtype!r} is not one of {', '.join(COMPUTE_DTYPES)}",
+    )
     if is_toy:
+        _require(
+            training_config.remat == "none" and training_config.compute_dtype == "float32",
+            "training.remat",
+            "rematerialisation and a bfloat16 compute dtype are U-Net options; the toy MLP takes "
+            f"remat='none' and compute_dtype='float32', got {training_config.remat!r} and "
+            f"{training_config.compute_dtype!r}",
+        )
         fields = ("width", "num_blocks", "embedding_dim", "embedding_type", "fourier_scale")
         kwargs = {name: model_config[name] for name in fields}
         return _wrap(
@@ -597,6 +616,8 @@ def _model(config: ml_collections.ConfigDict, data_shape: tuple[int, ...], is_to
             scale_by_sigma=bool(model_config.scale_by_sigma),
             # A learned variance: the prediction and v per channel (Nichol & Dhariwal 2021).
             out_channels=2 * data_shape[-1] if model_config.variance == "learned" else None,
+            remat=training_config.remat,
+            dtype=COMPUTE_DTYPES[training_config.compute_dtype],
         ),
     )
 

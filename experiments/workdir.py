@@ -61,6 +61,7 @@ SAFE_TO_CHANGE = (
     "training.checkpoint_freq",
     "training.keep_checkpoints",
     "training.steps_per_call",
+    "training.remat",  # recomputes the same activations: the same model, the same updates
     "training.max_nonfinite_steps",
     "data.data_dir",
     "data.idx_dir",

@@ -397,6 +397,9 @@ STOCHASTIC_CASES = [
     ("ve", "pc", {"predictor": "reverse_diffusion", "corrector": "annealed_langevin"}, "uniform_t", 100),
     ("ve", "annealed_langevin", {"n_steps_each": 5}, "uniform_t", 100),
     ("vp", "edm_stochastic", {"S_churn": 30.0, "S_tmin": 0.01, "S_tmax": 1.0}, "karras", 50),
+    ("vp", "dpm_solver_pp_2m_sde", {}, "uniform_log_snr", 50),
+    ("flow", "dpm_solver_pp_3m_sde", {}, "uniform_log_snr", 50),
+    ("ve", "sa_solver", {}, "karras", 50),
 ]  # fmt: skip
 NUM_POINTS = 4096
 

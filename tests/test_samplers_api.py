@@ -133,7 +133,7 @@ def test_every_sampler_runs_compiles_once_and_reports_its_nfe(
     # The recorded run is the same run (compiled apart, so equal to float32 rounding), with its
     # states from x_init to the samples.
     recorded = run(jax.random.PRNGKey(1), x_init, record=True)
-    np.testing.assert_allclose(recorded.samples, first.samples, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(recorded.samples, first.samples, rtol=1e-4, atol=1e-5)
     if is_adaptive:
         assert recorded.trajectory is None
     else:

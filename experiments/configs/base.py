@@ -92,6 +92,12 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.training.ema_warmup = False
     config.training.parallelism = "jit"  # jit (XLA partitions the step) | shard_map (per device)
     config.training.steps_per_call = 1
+    # Memory and speed (U-Net only): jax.checkpoint of the residual and attention blocks
+    # ('none' | 'blocks': recompute each block in the backward pass | 'convs': keep only the
+    # convolution outputs), and the compute dtype of convolutions, dense layers and activations
+    # (float32 | bfloat16; parameters, optimiser state and the loss stay float32).
+    config.training.remat = "none"
+    config.training.compute_dtype = "float32"
     # Stop after this many consecutive updates with a non-finite loss or gradient (each is skipped).
     config.training.max_nonfinite_steps = 10
 
