@@ -11,6 +11,7 @@ os.environ["XLA_FLAGS"] = " ".join(
     [os.environ.get("XLA_FLAGS", ""), "--xla_force_host_platform_device_count=4"]
 ).strip()
 
+import gc
 import gzip
 import struct
 import subprocess
@@ -74,6 +75,17 @@ def write_mnist_like_idx(directory, num_train: int = 16, num_test: int = 8, seed
         write_idx_file(f"{directory}/{prefix}-images-idx3-ubyte.gz", images)
         write_idx_file(f"{directory}/{prefix}-labels-idx1-ubyte.gz", labels)
     return str(directory)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every compiled program when a test module ends. JAX keeps each jitted function's
+    executables (and the networks and processes they were traced with) for the life of the
+    process, so over the ~1,200 tests the suite's memory would only grow; programs shared between
+    modules come back from the persistent cache above."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
