@@ -435,3 +435,44 @@ def test_ddpm_experiment_and_schedules_on_a_tiny_trained_run(config_name, tmp_pa
     record = _render("schedules", tmp_path / "figures", checkpoint_dir=str(run_dir))
     assert record["settings"]["views_from"] == "trained model"
     assert (tmp_path / "figures" / "schedules_views.png").exists()
+
+
+# ================================================================================ guidance sweeps
+def test_guidance_sweeps_helpers_against_bayes_rule_and_the_nfe_counts(x64):
+    """The figure's p(y | x_0) is Bayes' rule over the toy's components, written out with scipy;
+    Heun (2 NFE per step + the final step) spends the largest odd NFE within each budget."""
+    from experiments.figures import guidance_sweeps
+
+    toy = guidance_sweeps.TOY
+    process = VPSDE()
+    x = np.random.default_rng(0).normal(size=(7, 2)) * 1.5
+    t = process.t_min
+    alpha, sigma = float(process.alpha(t)), float(process.sigma(t))
+
+    def noised_component(weight, mean, variances):
+        """w_k N(x; alpha mu_k, alpha^2 C_k + sigma^2 I): component k of p_t."""
+        covariance = alpha**2 * np.diag(variances) + sigma**2 * np.eye(2)
+        return weight * stats.multivariate_normal(alpha * np.asarray(mean), covariance).pdf(x)
+
+    joint = np.stack(
+        [
+            noised_component(*component)
+            for component in zip(toy["weights"], toy["means"], toy["variances"], strict=True)
+        ],
+        axis=1,
+    )
+    in_target = np.array(toy["labels"]) == guidance_sweeps.TARGET
+    expected = joint[:, in_target].sum(axis=1) / joint.sum(axis=1)
+    got = guidance_sweeps.class_probability(guidance_sweeps.labelled_toy(), process, jnp.asarray(x))
+    np.testing.assert_allclose(got, expected, rtol=1e-10)
+    heun = [guidance_sweeps._largest_nfe_within("heun", budget, {}) for budget in (5, 10, 20, 50)]
+    assert heun == [5, 9, 19, 49]
+    assert guidance_sweeps._largest_nfe_within("dpm_solver_pp_2m", 10, {}) == 10
+
+
+@pytest.mark.slow
+def test_guidance_sweeps_renders_with_every_check_passed(tmp_path):
+    """Quick size (4,096 guided points, 256 ring points, NFE 5, 20, 50): every check passes."""
+    record = _render("guidance_sweeps", tmp_path)
+    assert len(record["checks"]) == 3 + len(record["settings"]["solvers"]) + 1
+    assert record["data"]["nfe"]["Heun"] == [5, 19, 49]

@@ -15,6 +15,7 @@ Applied Mathematicians"; Chan 2024, "Tutorial on Diffusion Models for Imaging an
 from experiments.figures import (  # noqa: F401
     ddpm_experiment,
     forward,
+    guidance_sweeps,
     indi,
     pde,
     schedules,
@@ -33,6 +34,7 @@ ORDER = (
     "indi",
     "pde",
     "schedules",
+    "guidance_sweeps",
     "ddpm_experiment",
 )
 _registered = dict(FIGURES)
