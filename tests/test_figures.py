@@ -43,6 +43,7 @@ EXPECTED = {
     "indi",
     "pde",
     "schedules",
+    "guidance_sweeps",
     "ddpm_experiment",
 }
 
