@@ -122,6 +122,7 @@ class SamplingSettings:
     t_end: float | None
     rho: float
     denoise_final: bool
+    denoise_order: int  # of the final step to sigma = 0 (1: Tweedie's step)
     options: Mapping[str, Mapping[str, Any]]  # sampler name -> its options
     num_samples: int
     batch_size: int
@@ -170,6 +171,9 @@ class EvalSettings:
     sweep_nfes: tuple[int, ...]
     sweep_grids: tuple[str, ...]
     sweep_num_samples: int
+    sweep_denoise_final: bool
+    sweep_denoise_order: int
+    sweep_trajectory_nfe: int
     guidance_scales: tuple[float, ...]
     vlb: bool
     vlb_num_examples: int
@@ -466,6 +470,7 @@ class Experiment:
                 t_end=sampling.t_end,
                 rho=float(sampling.rho),
                 denoise_final=bool(sampling.denoise_final),
+                denoise_order=int(sampling.denoise_order),
                 **options,
             )
         if known is not None:
@@ -689,14 +694,34 @@ def _check_sampling(config: ml_collections.ConfigDict, process: Process) -> None
     sampling = config.sampling
     method = sampling.method
     _wrap("sampling.method", lambda: samplers.get_sampler(method))
+    options = _sampler_options(sampling.options, method)
     _wrap(
         f"sampling.options.{method}",
         lambda: samplers.sampler_program(
-            method,
-            denoise_final=bool(sampling.denoise_final),
-            **_sampler_options(sampling.options, method),
+            method, denoise_final=bool(sampling.denoise_final), **options
         ),
     )
+    order = sampling.denoise_order
+    _require(
+        isinstance(order, int) and not isinstance(order, bool) and 1 <= order <= 3,
+        "sampling.denoise_order",
+        f"must be 1 (Tweedie's step), 2 or 3 (the last x0 predictions extrapolated to sigma = 0), "
+        f"got {order!r}",
+    )
+    if sampling.denoise_final and order > 1:
+        _wrap(
+            "sampling.denoise_order",
+            lambda: samplers.sampler_program(
+                method, denoise_final=True, denoise_order=order, **options
+            ),
+        )
+        repaints = int(sampling.inpaint_resamplings) > 1 or int(sampling.inpaint_jump_length) > 1
+        _require(
+            sampling.inpaint_mask is None or not repaints,
+            "sampling.denoise_order",
+            f"RePaint's resampling (sampling.inpaint_resamplings / inpaint_jump_length) ends with "
+            f"Tweedie's step only: use 1, got {order!r}",
+        )
     _wrap(
         "sampling",
         lambda: samplers.time_grid(

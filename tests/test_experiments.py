@@ -6,20 +6,21 @@ import importlib
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 from conftest import run_cli, write_mnist_like_idx
 
-from diffusion import data
+from diffusion import data, oracle, processes, samplers
 from diffusion.metric_writers import read_scalars
 from experiments import run
 from experiments.build import ConfigError, build
 from experiments.configs import base
 from experiments.evaluate import evaluate
 from experiments.sample import sample
-from experiments.sweep import sweep, sweep_markdown
+from experiments.sweep import reference_trajectory, sweep, sweep_markdown
 from experiments.train import train
 from experiments.workdir import restore_ema_params
 
@@ -161,6 +162,9 @@ def test_eval_and_sweep_on_a_toy_run(tmp_path):
     config.eval.sweep_solvers = ("ddim", "dpm_solver_pp_2m")
     config.eval.sweep_nfes = (4, 8)
     config.eval.sweep_grids = ("uniform_t", "uniform_log_snr")
+    # The other reference: runs and the reference end at sampling.t_end (no final step).
+    config.eval.sweep_denoise_final = False
+    config.eval.sweep_trajectory_nfe = 4
     experiment = build(config)
     workdir = str(tmp_path)
     train(experiment, workdir)
@@ -173,6 +177,15 @@ def test_eval_and_sweep_on_a_toy_run(tmp_path):
     assert "dpm_solver_pp_2m" in table and "uniform_log_snr" in table
     for extension in ("csv", "md", "png", "json"):
         assert os.path.exists(os.path.join(workdir, "sweep", f"sweep.{extension}"))
+    with open(os.path.join(workdir, "sweep", "sweep.json")) as file:
+        content = json.load(file)
+    assert "at t_end" in content["reference"]
+    assert all(r["denoise_order"] is None for r in content["records"])
+    for entry in content["error_vs_time"]:  # ends at the grid's last time, no sigma = 0 state
+        assert entry["nfe"] == 4 and entry["times"][-1] == pytest.approx(1e-3)
+        assert len(entry["error_rmse"]) == entry["num_steps"] + 1
+        assert entry["error_rmse"][0] == 0.0 and np.all(np.isfinite(entry["error_rmse"]))
+    assert os.path.exists(os.path.join(workdir, "sweep", "error_vs_time.png"))
 
 
 @pytest.mark.slow
@@ -207,25 +220,49 @@ def test_eval_on_images_writes_every_metric_and_caches_the_classifier(tmp_path):
 
 
 def test_sweep_uses_the_exact_oracle_without_a_checkpoint(tmp_path):
+    """The default sweep ends at sigma = 0 (final step of order 2) and is measured against the ODE's
+    end at sigma = 0; the error against time ends with the sweep's own error at that NFE."""
     config = load_config("toy_vp")
     config.eval.sweep_num_samples = 32
-    config.eval.sweep_solvers = ("ddim",)
-    config.eval.sweep_nfes = (5, 10)
-    config.eval.sweep_grids = ("uniform_t",)
+    config.eval.sweep_solvers = ("ddim", "unipc")
+    config.eval.sweep_nfes = (5, 20)
+    config.eval.sweep_grids = ("uniform_log_snr",)
+    config.eval.sweep_trajectory_nfe = 5
+    assert config.eval.sweep_denoise_final and config.eval.sweep_denoise_order == 2
     table = sweep(build(config), str(tmp_path))
-    rows = [line for line in table.splitlines() if line.startswith("| ddim")]
-    errors = [float(line.split("|")[6]) for line in rows]
-    assert len(errors) == 2 and errors[1] < errors[0]  # more steps, smaller discretisation error
+    assert "end at sigma = 0" in table
+    with open(os.path.join(tmp_path, "sweep", "sweep.json")) as file:
+        content = json.load(file)
+    records = {(r["solver"], r["nfe"]): r for r in content["records"]}
+    assert set(records) == {(s, n) for s in ("ddim", "unipc") for n in (5, 20)}
+    assert all(r["denoise_order"] == 2 and np.isfinite(r["error_rmse"]) for r in records.values())
+    assert records["ddim", 20]["error_rmse"] < records["ddim", 5]["error_rmse"]
+    # Measured: 4.2e-3 (UniPC) and 1.9e-2 (DDIM) at NFE 20, 0.19 and 0.13 at NFE 5.
+    assert min(records[s, 20]["error_rmse"] for s in ("ddim", "unipc")) < 1e-2
+    entries = content["error_vs_time"]
+    assert [entry["solver"] for entry in entries] == ["ddim", "unipc"]
+    for entry in entries:
+        errors = entry["error_rmse"]
+        assert entry["nfe"] == 5 and len(errors) == entry["num_steps"] + 2
+        assert entry["times"][-1] is None and entry["sigma_hat"][-1] == 0.0  # the final state
+        assert np.all(np.diff(entry["sigma_hat"]) < 0)
+        assert errors[0] == 0.0 and np.all(np.isfinite(errors)) and max(errors) > 0
+        # The same program up to record=True: the sweep's error at that NFE.
+        assert errors[-1] == pytest.approx(records[entry["solver"], 5]["error_rmse"], rel=1e-4)
+    for name in ("error_vs_time.png", "error_vs_time.csv", "sweep.png"):
+        assert os.path.exists(os.path.join(tmp_path, "sweep", name))
 
 
 def test_sweep_table_has_a_metric_column_only_when_there_is_a_metric():
     record = dict(solver="ddim", grid="uniform_t", nfe_target=10, nfe=10, num_steps=10)
     record.update(error_rmse=0.125, metric=None, seconds=1.0, skipped=None)
     header = sweep_markdown([record]).splitlines()[0]
-    assert header == "| solver | grid | nfe_target | nfe | num_steps | error_rmse | seconds |"
+    assert header == (
+        "| solver | grid | nfe_target | nfe | num_steps | denoise_order | error_rmse | seconds |"
+    )
     with_metric = sweep_markdown([{**record, "metric": 0.5}], "sliced_w2").splitlines()
     assert "| error_rmse | sliced_w2 | seconds |" in with_metric[0]
-    assert with_metric[2].endswith("| 0.125 | 0.5 | 1 |")
+    assert with_metric[2].endswith("| 10 |  | 0.125 | 0.5 | 1 |")  # no final step: no order
 
 
 def test_digits_dataset_is_what_vp_digits_trains_on():
@@ -484,3 +521,81 @@ def test_learned_schedule_trains_with_the_vdm_loss_and_samples(tmp_path):
     record = evaluate(experiment, workdir)
     assert np.isfinite(record["bpd_vlb_fixed_large"]) and np.isfinite(record["bpd_vlb_analytic"])
     assert record["bpd_vlb_rule"] == "fixed_large" and record["vlb_num_terms"] == 3
+
+
+def test_sweep_reference_trajectory_is_the_exact_gaussian_flow():
+    """The chained adaptive solves against the closed-form probability-flow solution of Gaussian
+    data (GaussianMixture.ode_flow) at every time of a grid: float32 at rtol = atol = 1e-6."""
+    exact = oracle.preset("gaussian_2d")
+    process = processes.VPSDE()
+    denoiser = exact.denoiser(process)
+    x_init = process.prior_sample(jax.random.PRNGKey(0), (64, 2))
+    times = samplers.time_grid(process, "uniform_log_snr", 6)
+    trajectory = reference_trajectory(denoiser, x_init, times)
+    expected = np.stack([exact.ode_flow(process, x_init, process.T, t) for t in times])
+    assert trajectory.shape == (7, 64, 2)
+    np.testing.assert_allclose(trajectory, expected, atol=2e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"sampling.denoise_order": 4},
+        {"sampling.denoise_order": 0},
+        # Extrapolating the x0 predictions needs a deterministic sampler's.
+        {"sampling.method": "euler_maruyama", "sampling.denoise_order": 2},
+        {"sampling.inpaint_mask": "left_half", "sampling.inpaint_resamplings": 2},
+    ],
+)
+def test_denoise_order_is_validated_naming_the_key(overrides):
+    config = load_config("toy_vp")
+    config.sampling.method = "dpm_solver_pp_2m"
+    config.sampling.denoise_order = 2
+    for key, value in overrides.items():
+        config.sampling[key.split(".")[1]] = value
+    with pytest.raises(ConfigError) as info:
+        build(config)
+    assert "config.sampling.denoise_order" in str(info.value)
+
+
+def test_denoise_order_reaches_the_sampler():
+    config = load_config("toy_vp")
+    # t_end = 0.3: the x0 predictions still move, so orders 1 and 2 differ.
+    config.sampling.update(method="dpm_solver_pp_2m", num_steps=4, denoise_order=2, t_end=0.3)
+    experiment = build(config)
+    # The output layer starts at zero (eps = 0: constant x0 predictions); perturb every weight.
+    params = experiment.init_params(jax.random.PRNGKey(0))
+    leaves, treedef = jax.tree.flatten(params)
+    noise_keys = jax.random.split(jax.random.PRNGKey(2), len(leaves))
+    leaves = [
+        w + 0.3 * jax.random.normal(k, w.shape) for w, k in zip(leaves, noise_keys, strict=True)
+    ]
+    params = jax.tree.unflatten(treedef, leaves)
+    key = jax.random.PRNGKey(1)
+    drawn = experiment.sample(params, key, 8).samples
+
+    def direct(order):
+        return samplers.sample(
+            "dpm_solver_pp_2m",
+            experiment.predictor(params),
+            key,
+            (8, 2),
+            grid=config.sampling.grid,
+            num_steps=4,
+            t_end=0.3,
+            denoise_final=True,
+            denoise_order=order,
+        ).samples
+
+    np.testing.assert_allclose(drawn, direct(2), rtol=1e-6, atol=1e-6)
+    assert np.max(np.abs(drawn - direct(1))) > 1e-4
+
+
+@pytest.mark.parametrize("key, value", [("sweep_denoise_order", 4), ("sweep_trajectory_nfe", -1)])
+def test_sweep_settings_are_validated_naming_the_key(tmp_path, key, value):
+    config = load_config("toy_vp")
+    config.eval[key] = value
+    with pytest.raises(ConfigError) as info:
+        sweep(build(config), str(tmp_path))
+    assert f"config.eval.{key}" in str(info.value)
+    assert not os.path.exists(os.path.join(tmp_path, "sweep"))

@@ -119,6 +119,9 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.sampling.t_end = config_dict.placeholder(float)  # None: the process's default
     config.sampling.rho = 7.0
     config.sampling.denoise_final = True
+    # The final step to sigma = 0 (diffusion.samplers.api): 1 Tweedie's step; 2, 3 the last 2 or 3
+    # x0 predictions extrapolated to sigma = 0 (deterministic samplers only).
+    config.sampling.denoise_order = 1
     config.sampling.num_samples = 64
     config.sampling.batch_size = 64
     config.sampling.options = _sampler_options()
@@ -163,10 +166,24 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.eval.classifier_learning_rate = 3e-3
     config.eval.classifier_max_shift = 0
     config.eval.classifier_weight_decay = 0.0
-    config.eval.sweep_solvers = ("ddim", "heun", "dpm_solver_pp_2m", "dpm_solver_fast")
-    config.eval.sweep_nfes = (10, 20, 50)
+    config.eval.sweep_solvers = (
+        "ddim",
+        "heun",
+        "dpm_solver_pp_2m",
+        "dpm_solver_fast",
+        "unipc",
+        "deis",
+    )
+    # Odd and even budgets: Heun with the final step spends 2 n + 1.
+    config.eval.sweep_nfes = (5, 10, 15, 25, 50)
     config.eval.sweep_grids = ("uniform_t", "uniform_log_snr")
     config.eval.sweep_num_samples = 256
+    # Every run ends at sigma = 0 with a final step of this order, and the errors are measured
+    # against the ODE's end at sigma = 0; False: the runs and the reference end at sampling.t_end.
+    config.eval.sweep_denoise_final = True
+    config.eval.sweep_denoise_order = 2
+    # Error against time: one run per solver and grid at this NFE (0: none).
+    config.eval.sweep_trajectory_nfe = 10
     # A conditional model: conditioning accuracy and FD per classifier-free guidance scale.
     config.eval.guidance_scales = (1.0,)
     # Bits/dim from the variational bound (diffusion.variational): every term of a discrete chain
@@ -375,9 +392,16 @@ def toy_config(view: str, dataset: str = "ring8_2d"):
     config.sampling.batch_size = 5000
     config.eval.num_samples = 10_000  # the sliced-W2 noise floor shrinks like 1 / sqrt(samples)
     config.eval.feature_extractor = "none"
-    config.eval.sweep_solvers = ("ddim", "heun", "dpm_solver_multistep", "dpm_solver_pp_2m")
+    config.eval.sweep_solvers = (
+        "ddim",
+        "heun",
+        "dpm_solver_multistep",
+        "dpm_solver_pp_2m",
+        "unipc",
+        "deis",
+    )
     config.eval.sweep_grids = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras")
-    config.eval.sweep_nfes = (5, 10, 20, 50)
+    config.eval.sweep_nfes = (5, 10, 15, 25, 50)
     config.eval.sweep_num_samples = 2000
     return config
 
