@@ -20,11 +20,13 @@ def test_solver_sweep_notebook_executes_on_the_toy_config(tmp_path):
             "# Parameters (test values)",
             'CONFIG = "toy_vp"',
             f'WORKDIR = "{tmp_path}/run"',
-            "TRAIN_STEPS = 200",
-            'SOLVERS = ("ddim", "dpm_solver_pp_2m")',
-            "NFES = (5, 10)",
-            'GRIDS = ("uniform_t", "uniform_log_snr")',
-            "NUM_SAMPLES = 128",
+            "TRAIN_STEPS = 100",
+            'SOLVERS = ("ddim", "unipc")',
+            "NFES = (10,)",
+            'GRIDS = ("uniform_log_snr",)',
+            "NUM_SAMPLES = 64",
+            "TRAJECTORY_NFE = 5",
+            'FLOW_CONFIG = "toy_flow"',
         ]
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
@@ -36,7 +38,9 @@ def test_solver_sweep_notebook_executes_on_the_toy_config(tmp_path):
         output.get("text", "") for cell in notebook.cells for output in cell.get("outputs", [])
     )
     assert "best at 10 NFE:" in outputs
-    assert os.path.exists(os.path.join(tmp_path, "run", "notebook_sweep.png"))
+    assert "dpm_solver_pp_3m_sde(eta=0) vs dpm_solver_pp_3m" in outputs
+    for name in ("sweep", "exact_sweep", "exact_sweep_vs_time", "flow_sweep"):
+        assert os.path.exists(os.path.join(tmp_path, "run", f"notebook_{name}.png")), name
 
 
 def test_the_notebook_installs_from_the_repository_url_of_pyproject():
