@@ -71,10 +71,6 @@ COLUMNS = (
 )
 TRAJECTORY_COLUMNS = ("solver", "grid", "nfe", "step", "t", "sigma_hat", "error_rmse")
 REFERENCE_TOLERANCE = 1e-6
-# diffusion.samplers.sampler_program checks a solver's NFE on a one-step grid before it allows a final
-# step above order 1, which DPM-Solver-fast's planned per-step orders (e.g. (3, 1)) reject with a
-# ValueError; until that check is fixed in the library these solvers end with Tweedie's step.
-FINAL_ORDER_1_ONLY = ("dpm_solver_fast",)
 # (denoiser, x, t_start) -> the ODE's end at sigma = 0, compiled once per denoiser type and shape.
 _ode_end = jax.jit(
     functools.partial(ode_end_at_zero_noise, rtol=REFERENCE_TOLERANCE, atol=REFERENCE_TOLERANCE)
@@ -291,17 +287,9 @@ def _final_order(name: str, options: dict[str, Any], denoise_order: int) -> int:
     """The order of the final step that ``name`` runs with: ``denoise_order`` for deterministic
     fixed-grid solvers (the extrapolation uses their recorded predictions), 1 for the others."""
     spec = samplers.get_sampler(name)
-    if name in FINAL_ORDER_1_ONLY or _is_adaptive(name, options):
+    if spec.is_adaptive(**options):
         return 1
     return denoise_order if spec.is_deterministic(**options) else 1
-
-
-def _is_adaptive(name: str, options: dict[str, Any]) -> bool:
-    """Whether the solver has no fixed NFE, hence no grid (its spec's ``nfe`` is None)."""
-    try:
-        return samplers.get_sampler(name).nfe(1, **options) is None
-    except ValueError:  # e.g. a multistep solver needs more than one step: it has a grid
-        return False
 
 
 def _grid_end_points(grid: str, t_end: float | None, rho: float) -> dict[str, Any]:
@@ -381,7 +369,7 @@ def trajectory_errors(
             run = {"solver": name, "options": dict(given_options), "grid": grid, "nfe": None}
             run["skipped"] = None
             runs.append(run)
-            if _is_adaptive(name, options):
+            if samplers.get_sampler(name).is_adaptive(**options):
                 run["skipped"] = f"{name} is adaptive: it has no grid, so no trajectory"
                 continue
             try:
@@ -452,7 +440,7 @@ def run_sweep(experiment: Experiment, denoiser, key: jax.Array) -> SweepRun:
             f"RMSE to the probability-flow ODE's end at sigma = 0 from the same x_T (Dopri5 in "
             f"log-SNR at {tolerance} to sigma / alpha = 1e-6, then the x0 prediction); every run "
             f"ends with a final step to sigma = 0 of order {denoise_order} (order 1, Tweedie's "
-            f"step, for stochastic solvers and {', '.join(FINAL_ORDER_1_ONLY)}), counted in the NFE"
+            "step, for stochastic solvers), counted in the NFE"
         )
     else:
         reference = samplers.sample(

@@ -129,7 +129,7 @@ def sampler_program(
             raise ValueError(f"{flag} must be True or False, got {value!r}")
     require_int("denoise_order", denoise_order)
     deterministic = spec.is_deterministic(**full_options)
-    if denoise_order > 1 and (not deterministic or spec.nfe(1, **full_options) is None):
+    if denoise_order > 1 and (not deterministic or spec.is_adaptive(**full_options)):
         raise ValueError(
             f"denoise_order={denoise_order} extrapolates the predictions along a deterministic "
             f"trajectory; sampler {name!r} with {options or 'its defaults'} is "

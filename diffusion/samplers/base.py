@@ -131,6 +131,13 @@ class SamplerSpec:
             return self.deterministic
         return bool(self.deterministic_if(**self.check_options(options)))
 
+    def is_adaptive(self, **options) -> bool:
+        """Whether the sampler chooses its own steps (no grid, no fixed NFE) with these options."""
+        try:
+            return self.nfe(1, **self.check_options(options)) is None
+        except ValueError:  # a one-step grid is refused (e.g. DPM-Solver-fast's planned orders)
+            return False
+
     def steps_for_nfe(self, nfe: int, **options) -> tuple[int, dict[str, Any]]:
         """(num_steps, options) that make this sampler spend exactly ``nfe`` network evaluations.
 

@@ -22,7 +22,7 @@ from jax import Array
 
 from diffusion.parameterization import Denoiser
 from diffusion.samplers.api import sampler_program
-from diffusion.samplers.base import SamplerSpec, get_sampler
+from diffusion.samplers.base import get_sampler
 from diffusion.samplers.grids import GRIDS, INDEX_GRIDS, time_grid
 
 __all__ = ["sweep"]
@@ -94,7 +94,7 @@ def sweep(
 
     records = []
     for spec, full_options, given_options in checked:
-        is_adaptive = _is_adaptive(spec, full_options)
+        is_adaptive = spec.is_adaptive(**full_options)
         for grid in grids:
             for nfe_target in [None] if is_adaptive else nfes:
                 record = {
@@ -142,14 +142,6 @@ def sweep(
                     seconds=seconds,
                 )
     return records
-
-
-def _is_adaptive(spec: SamplerSpec, options: dict[str, Any]) -> bool:
-    """Whether the solver has no fixed NFE (its spec's ``nfe`` is None for every grid)."""
-    try:
-        return spec.nfe(1, **options) is None
-    except ValueError:  # e.g. a multistep solver needs more steps than one: a fixed-NFE solver
-        return False
 
 
 def _check_span(times: Array, span: Array) -> None:
