@@ -219,6 +219,7 @@ def test_eval_on_images_writes_every_metric_and_caches_the_classifier(tmp_path):
         assert json.load(file)["settings"]["steps"] == 31
 
 
+@pytest.mark.slow
 def test_sweep_uses_the_exact_oracle_without_a_checkpoint(tmp_path):
     """The default sweep ends at sigma = 0 (final step of order 2) and is measured against the ODE's
     end at sigma = 0; the error against time ends with the sweep's own error at that NFE."""

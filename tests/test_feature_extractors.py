@@ -11,7 +11,9 @@ from diffusion.models import classifier, inception
 # --- CNN classifier ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("size", "convs_per_stage"), [(8, 1), (28, 2)])
+@pytest.mark.parametrize(
+    ("size", "convs_per_stage"), [(8, 1), pytest.param(28, 2, marks=pytest.mark.slow)]
+)
 def test_classifier_output_shapes(size, convs_per_stage):
     model = classifier.CNNClassifier(
         num_classes=7, channels=(8, 16, 32), convs_per_stage=convs_per_stage, feature_dim=24
@@ -41,6 +43,7 @@ def _synthetic_stripes(seed: int, count: int) -> tuple[np.ndarray, np.ndarray]:
     return images[..., None].astype(np.float32), labels.astype(np.int32)
 
 
+@pytest.mark.slow
 def test_classifier_learns_separable_synthetic_problem():
     train_images, train_labels = _synthetic_stripes(0, 600)
     test_images, test_labels = _synthetic_stripes(1, 300)

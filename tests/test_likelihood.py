@@ -67,7 +67,9 @@ def counted_denoiser(process, oracle, counter):
 
 # ================================================================================ exact oracles
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-@pytest.mark.parametrize(("preset", "num_points"), [("ring8_2d", 6), ("gmm_64d", 3)])
+@pytest.mark.parametrize(
+    ("preset", "num_points"), [("ring8_2d", 6), pytest.param("gmm_64d", 3, marks=pytest.mark.slow)]
+)
 def test_ode_log_density_equals_the_oracles_exact_log_density(preset, num_points, name, x64):
     process = P.make_process(name)
     oracle = O.preset(preset)

@@ -447,6 +447,7 @@ def reference_loss_and_grads(random_unet_params):
     return unet_loss_and_grads(CONDITIONAL_UNET, params, image_batch(TINY_IMAGES), *LOSS_INPUTS)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("remat", ["blocks", "convs"])
 def test_remat_keeps_parameters_outputs_and_gradients(
     random_unet_params, reference_loss_and_grads, remat

@@ -73,13 +73,17 @@ def grid_for(process):
 
 def latin_cases():
     """Every (sampler, process) pair; the parameterization cycles so that every sampler and every
-    process meets every parameterization."""
+    process meets every parameterization. One pair per sampler (the processes in turn) is in the
+    fast tier, the rest are marked slow."""
     cases = []
     for (i, name), (j, process_name) in itertools.product(
         enumerate(sorted(SAMPLERS)), enumerate(PROCESS_NAMES)
     ):
         parameterization = list(PARAMETERIZATIONS)[(i + j) % len(PARAMETERIZATIONS)]
-        cases.append((name, process_name, parameterization, (i + j) % 2 == 1))
+        marks = () if j == i % len(PROCESS_NAMES) else (pytest.mark.slow,)
+        cases.append(
+            pytest.param(name, process_name, parameterization, (i + j) % 2 == 1, marks=marks)
+        )
     return cases
 
 
@@ -202,6 +206,7 @@ def test_bad_initial_state_raises_before_anything_compiles():
     assert net.traces == 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("denoise_final", [False, True])
 def test_sample_with_an_nfe_budget_spends_it_exactly(denoise_final):
     """sample(nfe=N) plans the steps (and DPM-Solver-fast's orders) that spend exactly N network

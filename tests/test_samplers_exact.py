@@ -93,7 +93,16 @@ def test_ddim_is_exact_for_a_constant_noise_prediction(process_name, x64):
     np.testing.assert_allclose(result.samples, expected, rtol=1e-10, atol=1e-10 * process.prior_std)
 
 
-@pytest.mark.parametrize("process_name", ["vp", "subvp", "ve", "cosine", "edm", "flow"])
+@pytest.mark.parametrize(
+    "process_name",
+    [
+        "vp",
+        *(
+            pytest.param(name, marks=pytest.mark.slow)
+            for name in ("subvp", "ve", "cosine", "edm", "flow")
+        ),
+    ],
+)
 def test_adaptive_solver_meets_its_tolerance(process_name, x64):
     """At rtol = atol = 1e-8 the global error is within 20x the tolerance, in t and in log-SNR, and
     the solve converges: 1e-8 is > 50x more accurate than 1e-5 (local error control bounds the
