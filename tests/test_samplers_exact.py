@@ -462,6 +462,15 @@ def test_annealed_langevin_reaches_the_ula_stationary_law(x64):
 
 
 MONOTONE_NFES = (5, 10, 20, 50, 100)
+# The one measured exception: on rectified flow's Karras grid (sigma_hat from 999 down to 1e-5, so
+# steps of 1-3 in lambda where the ring's modes separate) DPM-Solver++(3M) has RMSE 0.887, 1.15,
+# 0.348 at NFE 5, 10, 20 (DDIM: 0.435, 0.138, 0.044): its third-order extrapolation is not yet
+# converging there. Its errors are asserted to fall from NFE 10 on. UniPC on flow's quadratic grid
+# is flat from NFE 10 to 20 (6.82e-3, 6.85e-3) and falls from there.
+MONOTONE_FROM_NFE = {
+    ("dpm_solver_pp_3m", "flow", "karras"): 10,
+    ("unipc", "flow", "quadratic_t"): 20,
+}
 
 
 @pytest.mark.slow
@@ -473,6 +482,8 @@ MONOTONE_NFES = (5, 10, 20, 50, 100)
         ("dpm_solver_pp_3m", {}),
         ("dpm_solver_multistep", {"order": 2}),
         ("dpm_solver_multistep", {"order": 3}),
+        ("unipc", {}),
+        ("deis", {}),
     ],
 )
 def test_multistep_errors_fall_as_nfe_grows_on_every_grid(process_name, name, options, x64):
@@ -487,6 +498,7 @@ def test_multistep_errors_fall_as_nfe_grows_on_every_grid(process_name, name, op
     x_init = process.prior_sample(key, (64, 2))
     end = jax.jit(lambda x: ode_end_at_zero_noise(denoiser, x, process.T))(x_init)
     for grid in ("uniform_t", "uniform_log_snr", "quadratic_t", "karras"):
+        first = MONOTONE_FROM_NFE.get((name, process_name, grid), MONOTONE_NFES[0])
         errors = [
             rmse(
                 sample(
@@ -503,5 +515,6 @@ def test_multistep_errors_fall_as_nfe_grows_on_every_grid(process_name, name, op
                 end,
             )
             for nfe in MONOTONE_NFES
+            if nfe >= first
         ]
         assert all(b < a for a, b in itertools.pairwise(errors)), (grid, errors)
