@@ -83,10 +83,6 @@ SOLVERS = (
     # equal DPM-Solver++(2M)/(3M) (tested in the library), so they are left out.
     ("sa_solver", {"tau": 0.0}),
 )
-# sampler_program's adaptivity check evaluates the spec's NFE for one step, which DPM-Solver-fast's
-# planned per-step orders (e.g. (3, 1)) reject with a ValueError: until that check catches it, these
-# solvers run with the order-1 final step only.
-FINAL_ORDER_1_ONLY = ("dpm_solver_fast",)
 QUICK_SOLVERS = ("ddim", "dpm_solver_pp_3m", "unipc")  # --quick: one of each kind, defaults only
 GRIDS = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras")
 ORDERS = (1, 2, 3)  # of the final step to sigma = 0
@@ -156,11 +152,7 @@ def run(quick: bool, problems: tuple[str, ...], baseline: bool) -> dict:
                 key,
                 x_init,
                 reference,
-                solvers=[
-                    solver
-                    for solver in solvers
-                    if order == 1 or solver[0] not in FINAL_ORDER_1_ONLY
-                ],
+                solvers=solvers,
                 nfes=nfes,
                 grids=grids,
                 t_end=end_time(process, end),
