@@ -70,6 +70,38 @@ def test_probability_flow_solvers_converge_at_their_order(process_name, grid, x6
         assert abs(fitted_order(steps, errors) - order) < 0.3, (name, errors)
 
 
+@pytest.mark.parametrize("name", ["ddim", "dpm_solver_pp_2m", "unipc"])
+def test_recorded_trajectory_follows_the_exact_flow(name, x64):
+    """Every state of a recorded trajectory is the exact probability-flow solution of Gaussian data
+    at its grid time (docs/references.md #gaussian-data) up to the solver's error, which halves (or
+    better) when the grid is refined twice over; without a corrector, its denoised outputs are the
+    exact x0 predictions at those states (to the float32 rounding of the grid times)."""
+    process = P.make_process("vp")
+    oracle = O.preset("gaussian_2d")
+    denoiser = oracle.denoiser(process)
+    x_init = process.prior_sample(jax.random.PRNGKey(0), (16, 2))
+    worst = []
+    for num_steps in (20, 40):
+        result = sample(
+            name, denoiser, jax.random.PRNGKey(1), x_init, grid="uniform_log_snr",
+            num_steps=num_steps, record=True,
+        )  # fmt: skip
+        times = time_grid(process, "uniform_log_snr", num_steps)
+        assert result.trajectory.shape == (num_steps + 1, 16, 2)
+        exact = [oracle.ode_flow(process, x_init, process.T, float(t)) for t in times[1:]]
+        worst.append(
+            max(rmse(state, e) for state, e in zip(result.trajectory[1:], exact, strict=True))
+        )
+        if (
+            name == "unipc"
+        ):  # its corrector moves the state after the evaluation (tests/test_unipc.py)
+            continue
+        # The prediction made at each state (data prediction of the exact denoiser there).
+        for state, t, x0 in zip(result.trajectory[:-1], times[:-1], result.denoised, strict=True):
+            np.testing.assert_allclose(x0, denoiser.x0(state, t), rtol=1e-6, atol=1e-6)
+    assert worst[1] < 0.05 and worst[1] < worst[0] / 1.8, worst  # order >= 1: the error halves
+
+
 @pytest.mark.parametrize("process_name", ALL_PROCESSES)
 def test_ddim_is_exact_for_a_constant_noise_prediction(process_name, x64):
     """With eps_pred = c, the probability-flow ODE solution is x_t = (alpha_t/alpha_s) x_s
