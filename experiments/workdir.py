@@ -19,6 +19,7 @@ forced (``--allow_config_change``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -30,7 +31,8 @@ import jax
 from diffusion import training
 from diffusion.checkpoints import CheckpointManager, abstract_state
 from diffusion.images import write_atomically
-from experiments.build import Experiment, Stream
+from experiments.build import Experiment, Stream, config_to_json
+from experiments.configs import base
 
 __all__ = [
     "SAFE_TO_CHANGE",
@@ -125,6 +127,12 @@ def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+@functools.cache
+def _base_defaults() -> dict[str, Any]:
+    """The base config's keys and default values, as a record flattens them."""
+    return _flatten(json.loads(config_to_json(base.get_base_config())))
+
+
 def _is_safe(key: str, recorded: Mapping[str, Any]) -> bool:
     if key == "training.n_iters" and recorded.get("optim.decay") == "cosine":
         return False  # the cosine schedule's length is n_iters: changing it changes every lr
@@ -143,7 +151,14 @@ def config_changes(
         for key in sorted(old.keys() | new.keys())
         if old.get(key) != new.get(key)
     }
-    safe = {key: values for key, values in differing.items() if _is_safe(key, old)}
+    # A key the project added after the workdir was made, at its default, is what the workdir ran
+    # with (a new key's default keeps the old behaviour): recorded, never refused.
+    defaults = _base_defaults()
+    safe = {
+        key: values
+        for key, values in differing.items()
+        if _is_safe(key, old) or (key not in old and key in defaults and values[1] == defaults[key])
+    }
     unsafe = {key: values for key, values in differing.items() if key not in safe}
     return safe, unsafe
 

@@ -23,7 +23,7 @@ from diffusion.checkpoints import CheckpointManager
 from experiments import run
 from experiments.build import build
 from experiments.configs import toy_vp
-from experiments.workdir import WorkdirError, check_workdir, initial_state
+from experiments.workdir import WorkdirError, check_workdir, config_changes, initial_state
 
 N_ITERS = 300
 TOY = [
@@ -350,6 +350,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def test_a_key_added_after_the_workdir_was_made_is_accepted_only_at_its_default():
+    """A workdir recorded before a config key existed resumes when the key has its base default
+    (what the workdir ran with) and is refused when it has another value."""
+    record = toy_experiment().record
+    older = json.loads(json.dumps(record))
+    del older["training"]["compute_dtype"]
+    safe, unsafe = config_changes(older, record)
+    assert unsafe == {} and safe == {"training.compute_dtype": (None, "float32")}
+    changed = json.loads(json.dumps(record))
+    changed["training"]["compute_dtype"] = "bfloat16"
+    _, unsafe = config_changes(older, changed)
+    assert unsafe == {"training.compute_dtype": (None, "bfloat16")}
 
 
 @pytest.mark.slow
