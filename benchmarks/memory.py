@@ -215,7 +215,13 @@ def main() -> None:
     parser.add_argument(
         "--sample-batch", type=int, default=None, help="images per sampler call (default: all)"
     )
-    parser.add_argument("--sampler-steps", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--sampler-steps",
+        type=int,
+        default=None,
+        help=f"solver steps of the sample cases (default {SAMPLER_STEPS}; 2 with --quick): the "
+        "memory does not depend on it",
+    )
     parser.add_argument("--case", default=None, help=argparse.SUPPRESS)  # internal: one case
     args = parser.parse_args()
     if args.num_samples < 1 or (args.sample_batch is not None and args.sample_batch < 1):
@@ -257,7 +263,7 @@ def main() -> None:
             text=True,
         )
         records.append(json.loads(output.stdout.strip().splitlines()[-1]))
-        print(json.dumps({"progress": name}), file=sys.stderr)
+        print(json.dumps(records[-1]), file=sys.stderr)  # each record as it is made
     machine["load_average_at_end"] = list(os.getloadavg())
     print(json.dumps({"machine": machine, "quick": args.quick, "records": records}, indent=1))
 
