@@ -83,21 +83,16 @@ def memory_analysis(compiled) -> dict:
 
 
 def build_experiment(config_name: str, remat: str, dtype_name: str):
-    """A config's experiment and its network with the given remat policy and compute dtype."""
-    import dataclasses
+    """A config's experiment with ``training.remat`` and ``training.compute_dtype`` set: the
+    config, the experiment, its network and its loss."""
     import importlib
-
-    import jax.numpy as jnp
 
     from experiments.build import build
 
     config = importlib.import_module(f"experiments.configs.{config_name}").get_config()
+    config.training.remat, config.training.compute_dtype = remat, dtype_name
     experiment = build(config)
-    dtype = None if dtype_name == "float32" else jnp.dtype(dtype_name)
-    model = experiment.model.clone(remat=remat, dtype=dtype)
-    loss = experiment.loss
-    loss = dataclasses.replace(loss, denoiser=loss.denoiser.replace(apply_fn=model.apply))
-    return config, experiment, model, loss
+    return config, experiment, experiment.model, experiment.loss
 
 
 def device_peak_bytes() -> int | None:
