@@ -11,8 +11,10 @@ Every run ends at sigma = 0: the grid runs down to its end time t_end and the la
 there to sigma = 0 (``denoise_final``; its evaluation counted in the NFE), at ``denoise_order`` 1
 (Tweedie's step, the only one before the last-mile work), 2 or 3 (the x0 predictions extrapolated to
 sigma_hat^2 = 0, ``diffusion.samplers.api``). t_end is the process's default (score_sde's 1e-3 for VP,
-1e-5 for VE) or the time of sigma_hat = 0.01, 0.03 or 0.1 ("end" in the records). NFE 5, 10, 20, 50,
-100 are spent exactly.
+1e-5 for VE) or the time of sigma_hat = 0.01, 0.03, 0.05 or 0.1 ("end" in the records). NFE 5, 10, 20, 50,
+100 are spent exactly. The grids: uniform in t, in log-SNR, in sqrt(t), Karras et al.'s rho = 7 grid
+and the rectified flow's grid carried to each process ('flow_t', rho = 2 and 3; chain 'linspace' too
+for DDPM).
 
     python -m benchmarks.solver_accuracy [--quick] [--problems=vp_sde,ddpm_linear_1000] [--baseline]
 
@@ -24,10 +26,10 @@ ODE is solved exactly to the end time and Tweedie's step taken there: what an or
 (less any cancellation with the solver's own error).
 
 ``--baseline`` runs only what existed before the last-mile work (order 1, default end, the solvers of
-BASELINE_SOLVERS) for the figures to compare against. Prints one JSON object: {"records": [{problem,
-solver, grid, end, order, nfe, rmse}, ...], "best": {problem: {nfe: {...}}}, "order_1_floor":
-{problem: {end: {sigma_hat, rmse}}}, "reference": {...}, "num_points", "wall_seconds"}; progress
-goes to stderr.
+BASELINE_SOLVERS on BASELINE_GRIDS) for the figures to compare against. Prints one JSON object:
+{"records": [{problem, solver, grid, end, order, nfe, rmse}, ...], "best": {problem: {nfe: {...}}},
+"order_1_floor": {problem: {end: {sigma_hat, rmse}}}, "reference": {...}, "num_points",
+"wall_seconds"}; progress goes to stderr.
 """
 
 from __future__ import annotations
@@ -84,9 +86,13 @@ SOLVERS = (
     ("sa_solver", {"tau": 0.0}),
 )
 QUICK_SOLVERS = ("ddim", "dpm_solver_pp_3m", "unipc")  # --quick: one of each kind, defaults only
-GRIDS = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras")
+BASELINE_GRIDS = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras")
+GRIDS = (*BASELINE_GRIDS, "flow_t")
+# Grids run again at another rho than their default (DEFAULT_RHO: karras 7, flow_t 2); their records
+# name the grid "flow_t[rho=3]".
+EXTRA_RHOS = (("flow_t", 3.0),)
 ORDERS = (1, 2, 3)  # of the final step to sigma = 0
-ENDS = (None, 0.01, 0.03, 0.1)  # sigma_hat at the grid's end time; None: the process's t_end
+ENDS = (None, 0.01, 0.03, 0.05, 0.1)  # sigma_hat at the grid's end time; None: the process's t_end
 # diffusion.flow.ode_end_at_zero_noise's defaults.
 REFERENCE = {
     "solver": "dopri5",
@@ -145,8 +151,10 @@ def run(quick: bool, problems: tuple[str, ...], baseline: bool) -> dict:
                 "sigma_hat": end_sigma_hat,
                 "rmse": float(jnp.sqrt(jnp.mean((exact_then_tweedie - reference) ** 2))),
             }
-        grids = GRIDS + (("linspace",) if process.is_discrete else ())
-        for order, end in itertools.product(orders, ends):
+        grids = (BASELINE_GRIDS if baseline else GRIDS) + (("linspace",) * process.is_discrete)
+        grid_runs = [(grids, None)]
+        grid_runs += [] if quick or baseline else [((grid,), rho) for grid, rho in EXTRA_RHOS]
+        for order, end, (grids, rho) in itertools.product(orders, ends, grid_runs):
             for record in samplers.sweep(
                 denoiser,
                 key,
@@ -156,6 +164,7 @@ def run(quick: bool, problems: tuple[str, ...], baseline: bool) -> dict:
                 nfes=nfes,
                 grids=grids,
                 t_end=end_time(process, end),
+                rho=rho,
                 denoise_final=True,
                 denoise_order=order,
                 repeats=1,
@@ -166,14 +175,14 @@ def run(quick: bool, problems: tuple[str, ...], baseline: bool) -> dict:
                     {
                         "problem": problem,
                         "solver": label(record["solver"], record["options"]),
-                        "grid": record["grid"],
+                        "grid": record["grid"] + ("" if rho is None else f"[rho={rho:g}]"),
                         "end": end,
                         "order": order,
                         "nfe": record["nfe"],
                         "rmse": record["error_rmse"],
                     }
                 )
-            if end == ends[-1]:  # no later sweep calls this order's programs: free their memory
+            if end == ends[-1] and rho == grid_runs[-1][1]:  # free the order's programs' memory
                 jax.clear_caches()
             print(
                 f"{problem} order={order} end={end}: {len(records)} records, "

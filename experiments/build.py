@@ -120,7 +120,7 @@ class SamplingSettings:
     grid: str
     num_steps: int
     t_end: float | None
-    rho: float
+    rho: float | None  # of the karras and flow_t grids (None: their default)
     denoise_final: bool
     denoise_order: int  # of the final step to sigma = 0 (1: Tweedie's step)
     options: Mapping[str, Mapping[str, Any]]  # sampler name -> its options
@@ -444,7 +444,7 @@ class Experiment:
         num_steps = num_steps or sampling.num_steps
         if known is not None and sampling.repaints:
             times = samplers.time_grid(
-                denoiser.process, grid, num_steps, t_end=sampling.t_end, rho=float(sampling.rho)
+                denoiser.process, grid, num_steps, t_end=sampling.t_end, rho=sampling.rho
             )
             prior_key, key = jax.random.split(key)
             x_init = denoiser.process.prior_sample(prior_key, (num, *self.data_shape))
@@ -468,7 +468,7 @@ class Experiment:
                 grid=grid,
                 num_steps=num_steps,
                 t_end=sampling.t_end,
-                rho=float(sampling.rho),
+                rho=sampling.rho,
                 denoise_final=bool(sampling.denoise_final),
                 denoise_order=int(sampling.denoise_order),
                 **options,

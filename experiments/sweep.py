@@ -292,9 +292,12 @@ def _final_order(name: str, options: dict[str, Any], denoise_order: int) -> int:
     return denoise_order if spec.is_deterministic(**options) else 1
 
 
-def _grid_end_points(grid: str, t_end: float | None, rho: float) -> dict[str, Any]:
-    """time_grid's keyword arguments: index grids fix their own end points (the chain's)."""
-    return {} if grid in samplers.INDEX_GRIDS else {"t_end": t_end, "rho": rho}
+def _grid_end_points(grid: str, t_end: float | None, rho: float | None) -> dict[str, Any]:
+    """time_grid's keyword arguments: index grids fix their own end points (the chain's), and rho
+    goes only to the grids it shapes."""
+    if grid in samplers.INDEX_GRIDS:
+        return {}
+    return {"t_end": t_end, "rho": rho if grid in samplers.DEFAULT_RHO else None}
 
 
 def reference_trajectory(
@@ -341,7 +344,7 @@ def trajectory_errors(
     nfe: int,
     grids: Sequence[str],
     t_end: float | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
     denoise_final: bool = False,
     denoise_order: int = 1,
     tolerance: float = REFERENCE_TOLERANCE,
@@ -432,7 +435,7 @@ def run_sweep(experiment: Experiment, denoiser, key: jax.Array) -> SweepRun:
     prior_key, solver_key = jax.random.split(key)
     x_init = process.prior_sample(prior_key, (num, *experiment.data_shape))
     denoise_final, denoise_order = bool(settings.sweep_denoise_final), settings.sweep_denoise_order
-    common = dict(t_end=sampling.t_end, rho=float(sampling.rho), denoise_final=denoise_final)
+    common = dict(t_end=sampling.t_end, rho=sampling.rho, denoise_final=denoise_final)
     tolerance = f"rtol = atol = {REFERENCE_TOLERANCE:g}"
     if denoise_final:
         reference = _ode_end(denoiser, x_init, process.T)

@@ -49,6 +49,30 @@ def test_karras_grid_follows_the_rho_formula_in_sigma_hat(name, x64):
     np.testing.assert_allclose(sigma_hat, expected, rtol=1e-7)
 
 
+@pytest.mark.parametrize(("rho", "same_as"), [(1.0, "uniform_t"), (2.0, "quadratic_t")])
+def test_flow_t_grid_on_the_rectified_flow_is_its_uniform_and_quadratic_grid(rho, same_as, x64):
+    flow = P.RectifiedFlow()
+    np.testing.assert_allclose(
+        time_grid(flow, "flow_t", 9, rho=rho), time_grid(flow, same_as, 9), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("name", ["vp", "ve", "ddpm", "edm"])
+def test_flow_t_grid_puts_the_noise_levels_where_the_rectified_flow_does(name, x64):
+    """On any process the grid's sigma_hat = s / (1 - s) with s uniform in s^(1/rho) between
+    the end points' flow times s = sigma_hat / (1 + sigma_hat): the same levels for every process."""
+    process = P.make_process(name)
+    num_steps, rho = 8, 3.0
+    times = np.asarray(time_grid(process, "flow_t", num_steps, rho=rho))
+    sigma = np.asarray(process.sigma(times))
+    sigma_hat = sigma / np.asarray(process.alpha(times))
+    s_start, s_end = (value / (1 + value) for value in sigma_hat[[0, -1]])
+    ramp = np.arange(num_steps + 1) / num_steps
+    s = (s_start ** (1 / rho) + ramp * (s_end ** (1 / rho) - s_start ** (1 / rho))) ** rho
+    np.testing.assert_allclose(sigma_hat, s / (1 - s), rtol=1e-9)
+    np.testing.assert_allclose(times[[0, -1]], [process.T, process.sampling_t_end], rtol=1e-12)
+
+
 @pytest.mark.parametrize("name", CONTINUOUS_PROCESSES)
 def test_uniform_log_snr_grid_is_uniform_in_log_snr(name, x64):
     process = P.make_process(name)
@@ -120,6 +144,8 @@ def test_index_grids_match_lin_et_al_table_2(kind):
         ({"kind": "karras", "num_steps": 4, "t_end": 0.0}, "outside the process's interval"),
         ({"kind": "uniform_t", "num_steps": 4, "t_start": 0.2, "t_end": 0.5}, "t_start > t_end"),
         ({"kind": "karras", "num_steps": 4, "rho": 0.0}, "rho must be > 0"),
+        ({"kind": "flow_t", "num_steps": 4, "rho": -1.0}, "rho must be > 0"),
+        ({"kind": "quadratic_t", "num_steps": 4, "rho": 7.0}, "rho=7.0 shapes only the karras"),
         ({"kind": "linspace", "num_steps": 4}, "needs a discrete chain"),
         ({"kind": "trailing", "num_steps": 4}, "needs a discrete chain"),
     ],

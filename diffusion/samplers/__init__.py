@@ -36,11 +36,12 @@ from diffusion.samplers.api import (
     sampler_program,
 )
 from diffusion.samplers.base import SAMPLERS, SampleResult, SamplerSpec, get_sampler
-from diffusion.samplers.grids import CONTINUOUS_GRIDS, GRIDS, INDEX_GRIDS, time_grid
+from diffusion.samplers.grids import CONTINUOUS_GRIDS, DEFAULT_RHO, GRIDS, INDEX_GRIDS, time_grid
 from diffusion.samplers.sweep import sweep
 
 __all__ = [
     "CONTINUOUS_GRIDS",
+    "DEFAULT_RHO",
     "GRIDS",
     "INDEX_GRIDS",
     "SAMPLERS",

@@ -169,7 +169,7 @@ def sample(
     nfe: int | None = None,
     t_start: float | None = None,
     t_end: float | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
     denoise_final: bool = False,
     denoise_order: int = 1,
     record: bool = False,

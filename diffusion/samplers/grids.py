@@ -10,6 +10,14 @@ Continuous grids (any process):
 * 'karras': the rho-grid of Karras et al. 2022 (eq. 5) in sigma_hat = sigma / alpha = exp(-lambda),
   sigma_i = (sigma_max^{1/rho} + i/N (sigma_min^{1/rho} - sigma_max^{1/rho}))^rho, mapped back to t
   through the process's t(lambda); for the EDM process (sigma = t) this is exactly their grid.
+* 'flow_t': the rectified flow's grid carried to any process. Every process here has the same
+  probability-flow ODE in sigma_hat = sigma / alpha (Song et al. 2021, eq. 13 with x / alpha; Karras
+  et al. 2022, Sec. 3), and the rectified flow x_t = (1 - t) x0 + t eps (Liu et al. 2022) reaches
+  sigma_hat at s = sigma_hat / (1 + sigma_hat) = sigma / (alpha + sigma). The grid is uniform in
+  s^(1/rho): rho = 1 is uniform in flow time, the grid flow models are sampled on (Lipman et al.
+  2022); rho = 2 (the default) is the flow's 'quadratic_t'. On the rectified flow (shift 1) it is
+  'uniform_t' (rho = 1) or 'quadratic_t' (rho = 2) exactly; on other processes it puts the same noise levels
+  where the flow would.
 
 Index grids (discrete chains only: DDPM, SMLD), selecting num_steps + 1 of the chain's states as in
 Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed", Table 2):
@@ -25,17 +33,20 @@ from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import Array
 
 from diffusion.processes import Process
 
-__all__ = ["CONTINUOUS_GRIDS", "GRIDS", "INDEX_GRIDS", "chain_indices", "time_grid"]
+__all__ = ["CONTINUOUS_GRIDS", "DEFAULT_RHO", "GRIDS", "INDEX_GRIDS", "chain_indices", "time_grid"]
 
-CONTINUOUS_GRIDS = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras")
+CONTINUOUS_GRIDS = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras", "flow_t")
 INDEX_GRIDS = ("linspace", "leading", "trailing")
 GRIDS = CONTINUOUS_GRIDS + INDEX_GRIDS
+# The grids shaped by an exponent rho, and its default for each (Karras et al. 2022, eq. 5: rho = 7).
+DEFAULT_RHO = {"karras": 7.0, "flow_t": 2.0}
 
 
 def chain_indices(num_chain_steps: int, kind: str, num_steps: int) -> np.ndarray:
@@ -64,15 +75,24 @@ def time_grid(
     *,
     t_start: float | None = None,
     t_end: float | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
 ) -> Array:
-    """A decreasing grid of ``num_steps + 1`` times of ``kind`` (see the module docstring).
+    """A decreasing grid of ``num_steps + 1`` times of ``kind`` (see the module docstring); ``rho``
+    shapes the 'karras' and 'flow_t' grids (None: ``DEFAULT_RHO``).
 
     Raises ValueError, before anything compiles, for an unknown kind, num_steps < 1, end points outside
-    [t_min, T] or not decreasing, or an index grid on a process without a discrete chain.
+    [t_min, T] or not decreasing, a rho <= 0 or given to a grid without one, or an index grid on a
+    process without a discrete chain.
     """
     if kind not in GRIDS:
         raise ValueError(f"unknown time grid {kind!r}; accepted: {', '.join(GRIDS)}")
+    if rho is not None and kind not in DEFAULT_RHO:
+        raise ValueError(
+            f"rho={rho!r} shapes only the {' and '.join(DEFAULT_RHO)} grids, not {kind!r}: leave it None"
+        )
+    rho = DEFAULT_RHO.get(kind) if rho is None else float(rho)
+    if rho is not None and not rho > 0:
+        raise ValueError(f"rho must be > 0, got {rho!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int | np.integer) or num_steps < 1:
         raise ValueError(f"num_steps must be an integer >= 1, got {num_steps!r}")
     if kind in INDEX_GRIDS:
@@ -99,12 +119,16 @@ def time_grid(
     elif kind == "uniform_log_snr":
         lam_start, lam_end = process.log_snr(t_start), process.log_snr(t_end)
         times = process.t_from_log_snr(lam_start + fractions * (lam_end - lam_start))
-    else:  # karras
-        if rho <= 0:
-            raise ValueError(f"rho must be > 0, got {rho!r}")
+    elif kind == "karras":
         inv_max = jnp.exp(-process.log_snr(t_start) / rho)  # sigma_hat_max^(1/rho)
         inv_min = jnp.exp(-process.log_snr(t_end) / rho)
         sigma_hat = (inv_max + fractions * (inv_min - inv_max)) ** rho
         times = process.t_from_log_snr(-jnp.log(sigma_hat))
+    else:  # flow_t: s = sigma / (alpha + sigma) = sigmoid(-lambda), the rectified flow's time
+        s_start, s_end = (
+            jax.nn.sigmoid(-process.log_snr(t)) ** (1 / rho) for t in (t_start, t_end)
+        )
+        s = (s_start + fractions * (s_end - s_start)) ** rho
+        times = process.t_from_log_snr(jnp.log1p(-s) - jnp.log(s))  # lambda = log((1 - s) / s)
     # Pin the end points exactly (the inverse maps are exact only to rounding).
     return times.at[0].set(t_start).at[-1].set(t_end)

@@ -23,7 +23,7 @@ from jax import Array
 from diffusion.parameterization import Denoiser
 from diffusion.samplers.api import sampler_program
 from diffusion.samplers.base import get_sampler
-from diffusion.samplers.grids import GRIDS, INDEX_GRIDS, time_grid
+from diffusion.samplers.grids import DEFAULT_RHO, GRIDS, INDEX_GRIDS, time_grid
 
 __all__ = ["sweep"]
 
@@ -50,7 +50,7 @@ def sweep(
     grids: Sequence[str] = ("uniform_t",),
     t_start: float | None = None,
     t_end: float | None = None,
-    rho: float = 7.0,
+    rho: float | None = None,
     denoise_final: bool = False,
     denoise_order: int = 1,
     metric: Callable[[np.ndarray], float] | None = None,
@@ -153,9 +153,10 @@ def _check_span(times: Array, span: Array) -> None:
 
 
 def _end_points(
-    grid: str, t_start: float | None, t_end: float | None, rho: float
+    grid: str, t_start: float | None, t_end: float | None, rho: float | None
 ) -> dict[str, Any]:
-    """time_grid's keyword arguments: index grids fix their own end points (the chain's)."""
+    """time_grid's keyword arguments: index grids fix their own end points (the chain's), and rho
+    goes only to the grids it shapes."""
     if grid in INDEX_GRIDS:
         return {}
-    return {"t_start": t_start, "t_end": t_end, "rho": rho}
+    return {"t_start": t_start, "t_end": t_end, "rho": rho if grid in DEFAULT_RHO else None}

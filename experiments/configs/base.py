@@ -117,7 +117,7 @@ def get_base_config() -> ml_collections.ConfigDict:
     config.sampling.grid = "uniform_t"
     config.sampling.num_steps = 1000
     config.sampling.t_end = config_dict.placeholder(float)  # None: the process's default
-    config.sampling.rho = 7.0
+    config.sampling.rho = config_dict.placeholder(float)  # karras / flow_t exponent; None: 7 / 2
     config.sampling.denoise_final = True
     # The final step to sigma = 0 (diffusion.samplers.api): 1 Tweedie's step; 2, 3 the last 2 or 3
     # x0 predictions extrapolated to sigma = 0 (deterministic samplers only).
