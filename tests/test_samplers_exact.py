@@ -13,6 +13,7 @@ from diffusion import processes as P
 from diffusion.flow import ode_end_at_zero_noise
 from diffusion.parameterization import Denoiser
 from diffusion.samplers import (
+    CONTINUOUS_GRIDS,
     SampleResult,
     final_denoise,
     get_sampler,
@@ -498,10 +499,12 @@ MONOTONE_NFES = (5, 10, 20, 50, 100)
 # steps of 1-3 in lambda where the ring's modes separate) DPM-Solver++(3M) has RMSE 0.887, 1.15,
 # 0.348 at NFE 5, 10, 20 (DDIM: 0.435, 0.138, 0.044): its third-order extrapolation is not yet
 # converging there. Its errors are asserted to fall from NFE 10 on. UniPC on flow's quadratic grid
-# is flat from NFE 10 to 20 (6.82e-3, 6.85e-3) and falls from there.
+# (which on flow is also its flow_t grid) is flat from NFE 10 to 20 (6.82e-3, 6.85e-3) and falls
+# from there.
 MONOTONE_FROM_NFE = {
     ("dpm_solver_pp_3m", "flow", "karras"): 10,
     ("unipc", "flow", "quadratic_t"): 20,
+    ("unipc", "flow", "flow_t"): 20,
 }
 
 
@@ -529,7 +532,7 @@ def test_multistep_errors_fall_as_nfe_grows_on_every_grid(process_name, name, op
     key = jax.random.PRNGKey(0)
     x_init = process.prior_sample(key, (64, 2))
     end = jax.jit(lambda x: ode_end_at_zero_noise(denoiser, x, process.T))(x_init)
-    for grid in ("uniform_t", "uniform_log_snr", "quadratic_t", "karras"):
+    for grid in CONTINUOUS_GRIDS:
         first = MONOTONE_FROM_NFE.get((name, process_name, grid), MONOTONE_NFES[0])
         errors = [
             rmse(
