@@ -1,5 +1,9 @@
 """Shared test setup.
 
+Tiers: ``-m "not slow"`` (the fast tier) runs every test function once, on its first parameter set
+that is not marked slow; the other parameter sets (every process, sampler, config of a cross
+product) and the tests marked slow (statistics, training) run in the full suite only.
+
 The test session simulates 4 CPU devices (set before JAX is imported) so that shard_map and sharded-jit
 tests run anywhere; computations on unsharded arrays still use device 0. Tests that need float64
 request the ``x64`` fixture (never enable it globally).
@@ -22,10 +26,15 @@ import jax  # after XLA_FLAGS, so that the flag takes effect
 import numpy as np
 import pytest
 
+_CACHE_VARIABLE = "DIFFUSION_TESTS_COMPILATION_CACHE"
 # Programs that several tests compile identically (e.g. one network under three configs that differ
-# only in their data source) are compiled once per session and then read from this cache.
-_COMPILATION_CACHE = tempfile.TemporaryDirectory(prefix="jax-compilation-cache-")
-jax.config.update("jax_compilation_cache_dir", _COMPILATION_CACHE.name)
+# only in their data source) are compiled once per session and then read from this cache. The
+# session's first process makes it and passes it on to pytest-xdist's workers (-n 2) through the
+# environment, so that the workers share it too; that process removes it at exit.
+if _CACHE_VARIABLE not in os.environ:
+    _COMPILATION_CACHE = tempfile.TemporaryDirectory(prefix="jax-compilation-cache-")
+    os.environ[_CACHE_VARIABLE] = _COMPILATION_CACHE.name
+jax.config.update("jax_compilation_cache_dir", os.environ[_CACHE_VARIABLE])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -75,6 +84,19 @@ def write_mnist_like_idx(directory, num_train: int = 16, num_test: int = 8, seed
         write_idx_file(f"{directory}/{prefix}-images-idx3-ubyte.gz", images)
         write_idx_file(f"{directory}/{prefix}-labels-idx1-ubyte.gz", labels)
     return str(directory)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark every parameter set of a test function after its first fast one as slow (the tiers
+    of the module docstring), so that the fast tier covers each test function and each module."""
+    seen = set()
+    for item in items:
+        if item.get_closest_marker("slow") is not None:
+            continue
+        function = (item.path, getattr(item, "originalname", item.name))
+        if function in seen:
+            item.add_marker(pytest.mark.slow)
+        seen.add(function)
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -23,13 +23,14 @@ from diffusion.samplers.deis import tab_weights
 from diffusion.samplers.grids import time_grid
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "process_name, grid",
     [
         ("flow", "uniform_t"),
-        pytest.param("vp", "karras", marks=pytest.mark.slow),
-        pytest.param("ddpm", "linspace", marks=pytest.mark.slow),
-        pytest.param("ve", "uniform_log_snr", marks=pytest.mark.slow),
+        ("vp", "karras"),
+        ("ddpm", "linspace"),
+        ("ve", "uniform_log_snr"),
     ],
 )
 def test_order_1_is_ddim(process_name, grid, x64):
@@ -68,14 +69,8 @@ def _weight_by_integral_in_t(process, times, i, j, order):
     return float(process.alpha(times[i + 1])) * value
 
 
-@pytest.mark.parametrize(
-    "process_name",
-    [
-        "flow",
-        pytest.param("vp", marks=pytest.mark.slow),
-        pytest.param("ve", marks=pytest.mark.slow),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("process_name", ["flow", "vp", "ve"])
 def test_weights_equal_their_defining_integral_in_t(process_name, x64):
     """The Gauss-Legendre weights in lambda (with the exact inverse t(lambda)) against eq. 14's
     integral in t, on a non-uniform grid, for every order and every coefficient."""

@@ -157,6 +157,7 @@ def test_thresholded_solver_integrates_the_thresholded_prediction(name, x64):
 
 
 # ----------------------------------------------------------------------------- DDIM
+@pytest.mark.slow
 def test_ddim_with_eta_zero_is_dpm_solver_1(x64):
     """DDIM(eta = 0) (the registry's 'ddim') equals DPM-Solver-1 step for step (docs/references.md
     #ddim-and-dpm-solver-1)."""

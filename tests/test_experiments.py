@@ -559,6 +559,7 @@ def test_denoise_order_is_validated_naming_the_key(overrides):
     assert "config.sampling.denoise_order" in str(info.value)
 
 
+@pytest.mark.slow
 def test_denoise_order_reaches_the_sampler():
     config = load_config("toy_vp")
     # t_end = 0.3: the x0 predictions still move, so orders 1 and 2 differ.

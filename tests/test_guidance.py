@@ -130,6 +130,7 @@ def test_cfg_network_passes_and_nfe_accounting():
     assert classifier_guided.classifier_gradients_per_call == 1
 
 
+@pytest.mark.slow
 def test_wrappers_pass_through_jit_without_retracing():
     process = P.VESDE()
     oracle = ring_two_classes()
@@ -147,6 +148,7 @@ def test_wrappers_pass_through_jit_without_retracing():
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_guidance_interval_guides_inside_and_is_conditional_outside(x64):
     """Kynkäänniemi et al. 2024: guidance for sigma_hat in (0.3, 2], plain conditional elsewhere;
     the same set written in log-SNR is [-log 2, -log 0.3)."""
@@ -173,6 +175,7 @@ def test_guidance_interval_guides_inside_and_is_conditional_outside(x64):
         np.testing.assert_allclose(predict(windowed, x, t)[0], expected, rtol=1e-10)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", slow_beyond(["x0", "eps"], fast=("x0",)))
 def test_rescaled_cfg(prediction, x64):
     """Lin et al. 2024, Sec. 3.4: phi = 0 is plain CFG; phi = 1 gives the guided prediction the

@@ -66,10 +66,9 @@ def counted_denoiser(process, oracle, counter):
 
 
 # ================================================================================ exact oracles
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["vp", "subvp", "ve"])
-@pytest.mark.parametrize(
-    ("preset", "num_points"), [("ring8_2d", 6), pytest.param("gmm_64d", 3, marks=pytest.mark.slow)]
-)
+@pytest.mark.parametrize(("preset", "num_points"), [("ring8_2d", 6), ("gmm_64d", 3)])
 def test_ode_log_density_equals_the_oracles_exact_log_density(preset, num_points, name, x64):
     process = P.make_process(name)
     oracle = O.preset(preset)
@@ -203,6 +202,7 @@ def test_gaussian_probe_estimates_are_unbiased_with_the_known_variance(x64):
     assert abs(estimates.var(ddof=1) - kappa2) < 4 * variance_standard_error
 
 
+@pytest.mark.slow
 def test_hutchinson_agrees_with_the_exact_divergence_of_the_oracle_flow(x64):
     """On the 64-D mixture's PF-ODE velocity: exact divergence = trace of the autodiff Jacobian, and
     the mean of 2000 single-probe estimates is within 4 standard errors of it, for both probes."""
@@ -232,6 +232,7 @@ def test_hutchinson_agrees_with_the_exact_divergence_of_the_oracle_flow(x64):
         assert np.all(standard_error > 1e-3)  # a real estimate, not the exact value in disguise
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("probe", ["rademacher", "gaussian"])
 def test_hutchinson_log_likelihood_is_unbiased(probe, x64):
     """32 copies of each point get independent probes, fixed along their trajectory: their mean is
@@ -258,6 +259,7 @@ def test_hutchinson_log_likelihood_is_unbiased(probe, x64):
 
 
 # ================================================================================ NFE
+@pytest.mark.slow
 def test_reported_nfe_equals_counted_network_calls_under_jit(x64):
     """The NFE from the solver's step count equals the calls the network actually received, for the
     whole computation under jax.jit (rejected steps included), with the non-default options (Tsit5,

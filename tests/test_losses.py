@@ -126,6 +126,7 @@ def per_example_gradients(loss_fn, theta, x0, keys):
     return np.asarray(jax.vmap(gradient)(x0, keys))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("weighting", "parameterization", "make_process", "time_sampling"),
     GRADIENT_CASES,

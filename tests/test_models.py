@@ -73,6 +73,7 @@ def test_unet_output_shape_equals_input_shape(shape, ch_mult, attn_resolutions):
     assert output_shape(model, jnp.zeros(shape), jnp.array([3.0, 500.0])) == shape
 
 
+@pytest.mark.slow
 def test_unet_runs_through_odd_sizes():
     # One real forward pass through the 28 -> 14 -> 7 -> 4 path (pooling resampling).
     model = UNet(ch=8, ch_mult=(1, 1, 1, 1), num_res_blocks=1, attn_resolutions=(7,))
@@ -330,6 +331,7 @@ def test_jitted_apply_is_repeatable_and_batch_independent(random_unet_params):
 # ----------------------------------------------------------------------------- DDPM++ options
 
 
+@pytest.mark.slow
 def test_skip_rescale_divides_block_outputs_by_sqrt2():
     x = image_batch((2, 4, 4, 8))
     embedding = image_batch((2, 16), seed=1)
@@ -470,6 +472,7 @@ def relative_l2(approximation: jax.Array, reference: jax.Array) -> float:
     return float(jnp.linalg.norm(jnp.ravel(approximation - reference)) / jnp.linalg.norm(reference))
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_is_close_to_float32(random_unet_params, reference_loss_and_grads):
     # bfloat16 keeps 8 significant bits (unit roundoff 2^-8 = 3.9e-3); through this network's ~20
     # layers the output's relative L2 error measured 3e-3 to 6e-3 over three random parameter

@@ -195,10 +195,8 @@ def labelled_mixture():
     return O.gaussian_mixture([1.0, 2.0, 1.0, 1.5, 0.5], means, covariances, labels=[0, 1, 1, 2, 2])
 
 
-@pytest.mark.parametrize(
-    "name",
-    [n if n in ("vp", "ddpm") else pytest.param(n, marks=pytest.mark.slow) for n in PROCESSES],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PROCESSES)
 def test_class_conditional_is_the_sub_mixture_of_the_class(name, x64):
     """p_t(x | y) is the noised sub-mixture of class y's components: score, x0, eps and log-density
     with per-row labels equal those of ``class_conditional(y)``, built by selecting rows in numpy."""

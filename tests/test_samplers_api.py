@@ -238,6 +238,7 @@ def test_sample_with_an_nfe_budget_spends_it_exactly(denoise_final):
             assert int(result.nfe) == nfe, (name, nfe)
 
 
+@pytest.mark.slow
 def test_adaptive_max_nfe_caps_the_evaluations():
     """With max_nfe the solve stops (an error at run time) instead of spending more; a budget it
     meets gives the same answer as no budget."""

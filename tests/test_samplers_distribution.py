@@ -123,6 +123,7 @@ def ddpm_chain_moments(process, indices, variance, mean, covariance):
     return mean + gain @ (m - np.sqrt(alphas_bar[indices[-1]]) * mean), gain @ s @ gain.T
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variance", ["beta_tilde", "beta"])
 def test_ancestral_on_the_ddpm_chain_reproduces_gaussian_data(variance):
     """Sample moments match the chain's exact law, and that law tends to N(mu, Sigma) as the chain is
@@ -160,6 +161,7 @@ def test_ancestral_on_the_ddpm_chain_reproduces_gaussian_data(variance):
     assert gaps[2] < 0.01
 
 
+@pytest.mark.slow
 def test_ddim_with_eta_one_and_ancestral_agree_in_distribution():
     """Different noise, same law: first two moments agree within sampling error (#ddim-and-dpm-solver-1)."""
     process = P.VPSDE()

@@ -71,6 +71,7 @@ def test_probability_flow_solvers_converge_at_their_order(process_name, grid, x6
         assert abs(fitted_order(steps, errors) - order) < 0.3, (name, errors)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["ddim", "dpm_solver_pp_2m", "unipc"])
 def test_recorded_trajectory_follows_the_exact_flow(name, x64):
     """Every state of a recorded trajectory is the exact probability-flow solution of Gaussian data
@@ -126,16 +127,8 @@ def test_ddim_is_exact_for_a_constant_noise_prediction(process_name, x64):
     np.testing.assert_allclose(result.samples, expected, rtol=1e-10, atol=1e-10 * process.prior_std)
 
 
-@pytest.mark.parametrize(
-    "process_name",
-    [
-        "vp",
-        *(
-            pytest.param(name, marks=pytest.mark.slow)
-            for name in ("subvp", "ve", "cosine", "edm", "flow")
-        ),
-    ],
-)
+@pytest.mark.slow
+@pytest.mark.parametrize("process_name", ["vp", "subvp", "ve", "cosine", "edm", "flow"])
 def test_adaptive_solver_meets_its_tolerance(process_name, x64):
     """At rtol = atol = 1e-8 the global error is within 20x the tolerance, in t and in log-SNR, and
     the solve converges: 1e-8 is > 50x more accurate than 1e-5 (local error control bounds the
@@ -224,6 +217,7 @@ def test_ancestral_on_the_ddpm_chain_is_ho_et_al_algorithm_2(variance, x64):
     np.testing.assert_allclose(result.samples, x, rtol=1e-9, atol=1e-9)
 
 
+@pytest.mark.slow
 def test_reverse_diffusion_and_ancestral_steps_agree_to_second_order(x64):
     """docs/references.md #reverse-diffusion-predictor: (2 - sqrt(1 - beta)) x + beta score vs (x +
     beta score) / sqrt(1 - beta) differ
@@ -257,6 +251,7 @@ def test_reverse_diffusion_and_ancestral_steps_agree_to_second_order(x64):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("process_name", ["vp", "edm"])
 def test_edm_stochastic_without_churn_is_heun_and_churns_by_default(process_name):
     process = P.make_process(process_name)

@@ -27,13 +27,14 @@ from diffusion.samplers.grids import time_grid
 
 
 # ----------------------------------------------------------------------------- deterministic limits
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "process_name, name, ode_name",
     [
         ("vp", "dpm_solver_pp_2m_sde", "dpm_solver_pp_2m"),
         ("flow", "dpm_solver_pp_3m_sde", "dpm_solver_pp_3m"),
-        pytest.param("ve", "dpm_solver_pp_2m_sde", "dpm_solver_pp_2m", marks=pytest.mark.slow),
-        pytest.param("vp", "dpm_solver_pp_3m_sde", "dpm_solver_pp_3m", marks=pytest.mark.slow),
+        ("ve", "dpm_solver_pp_2m_sde", "dpm_solver_pp_2m"),
+        ("vp", "dpm_solver_pp_3m_sde", "dpm_solver_pp_3m"),
     ],
 )
 def test_eta_zero_is_the_deterministic_solver(process_name, name, ode_name, x64):
@@ -168,6 +169,7 @@ DISTRIBUTION_CASES = [
 ]  # fmt: skip
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("process_name, name, options", DISTRIBUTION_CASES)
 def test_samples_reach_the_two_sample_noise_floor(process_name, name, options):
     """With eta = 1 (tau = 1) the samples of an exact denoiser on ring8_2d (8 modes of std 0.05) lie

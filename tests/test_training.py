@@ -247,6 +247,7 @@ def test_reported_learning_rate_is_the_one_applied():
         assert float(metrics["learning_rate"]) == pytest.approx(1e-2 * min(step / 5, 1), rel=1e-6)
 
 
+@pytest.mark.slow
 def test_clipping_bounds_the_gradient_adam_sees():
     """First Adam step (bias-corrected moments m = g, v = g^2) moves params by
     -lr g_c / (|g_c| + eps) with g_c = g min(1, c / ||g||); eps = 1 makes the scale visible."""
@@ -271,6 +272,7 @@ def test_clipping_bounds_the_gradient_adam_sees():
         assert_trees_equal(new_state.ema_params, new_state.params)
 
 
+@pytest.mark.slow
 def test_step_randomness_depends_only_on_key_and_step():
     state = cached_setup(key_noise_loss)[1]
     base_key = state.key

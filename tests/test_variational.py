@@ -317,6 +317,7 @@ def analytic_variance_figures(num_samples_list=(64, 16384)):
     return figures
 
 
+@pytest.mark.slow
 def test_analytic_variance_monte_carlo_converges(x64):
     """Bao et al. 2022, Thm. 1: with the exact Gamma_t the analytic variance is the true reverse
     variance of Gaussian data (Gaussian conditioning, 1e-12). Gamma_t estimated from M samples is within
@@ -511,6 +512,7 @@ def learned_head_errors():
     return initial_error, np.abs(np.asarray(learned_variances(train(params))) / optimum - 1.0).max()
 
 
+@pytest.mark.slow
 def test_learned_variance_head_approaches_the_optimum():
     """The learned variance reaches the optimum within 5% at every step, from a start 5x further
     away (the noise floor of this training is ~2%, seed fixed)."""
@@ -620,6 +622,7 @@ def continuous_limit_figures(grid_sizes=(64, 128, 256, 512, 1024)):
     }
 
 
+@pytest.mark.slow
 def test_continuous_bound_is_the_limit_of_the_discrete_bound(x64):
     """Kingma et al. 2021: with the posterior variances on K uniform steps of a linear log-SNR schedule
     the discrete bound decreases to the continuous one at the fitted rate K^-1 (slope within 0.05;
@@ -633,6 +636,7 @@ def test_continuous_bound_is_the_limit_of_the_discrete_bound(x64):
     assert abs(figures["richardson_error"]) < 1.5e-3
 
 
+@pytest.mark.slow
 def test_continuous_diffusion_term_depends_only_on_the_end_points(x64):
     """Kingma et al. 2021, eq. 20: for the exact denoiser the diffusion integral is the same for the
     linear schedule and a strongly curved monotone one with the same gamma_min and gamma_max."""
@@ -808,6 +812,7 @@ def test_vdm_discrete_time_loss_is_the_kl_of_the_step(x64):
     assert np.allclose(np.asarray(diffusion), np.asarray(kl) / math.log(2), rtol=1e-9)
 
 
+@pytest.mark.slow
 def test_vdm_schedule_gradient_is_the_squared_loss_gradient(x64):
     """One backward pass gives the denoiser grad E[L] and the schedule grad E[L_diffusion^2]
     (Kingma et al. 2021, Sec. 5.2), checked against plain autodiff of both."""
@@ -926,6 +931,7 @@ def test_vdm_schedule_training_reduces_the_estimator_variance(x64):
     assert (gamma[0], gamma[-1]) == pytest.approx((V.GAMMA_MIN, V.GAMMA_MAX), abs=1e-10)
 
 
+@pytest.mark.slow
 def test_learned_schedule_is_a_hashable_process_for_every_sampler():
     """Equal parameters: equal and same hash (the compiled sampler is reused); other parameters: not
     equal. A pytree of its parameters. DDIM (eta = 0, 100 log-SNR steps) with the oracle on the learned
