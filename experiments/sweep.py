@@ -292,14 +292,6 @@ def _final_order(name: str, options: dict[str, Any], denoise_order: int) -> int:
     return denoise_order if spec.is_deterministic(**options) else 1
 
 
-def _grid_end_points(grid: str, t_end: float | None, rho: float | None) -> dict[str, Any]:
-    """time_grid's keyword arguments: index grids fix their own end points (the chain's), and rho
-    goes only to the grids it shapes."""
-    if grid in samplers.INDEX_GRIDS:
-        return {}
-    return {"t_end": t_end, "rho": rho if grid in samplers.DEFAULT_RHO else None}
-
-
 def reference_trajectory(
     denoiser, x_init: jax.Array, times: jax.Array, *, tolerance: float = REFERENCE_TOLERANCE
 ) -> np.ndarray:
@@ -378,7 +370,10 @@ def trajectory_errors(
             try:
                 _, num_steps, planned = _plan_at_most(name, options, nfe, denoise_final)
                 times = samplers.time_grid(
-                    process, grid, num_steps, **_grid_end_points(grid, t_end, rho)
+                    process,
+                    grid,
+                    num_steps,
+                    **samplers.shared_grid_arguments(grid, t_end=t_end, rho=rho),
                 )
             except ValueError as error:
                 run["skipped"] = str(error)

@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 
 from diffusion import processes as P
-from diffusion.samplers.grids import CONTINUOUS_GRIDS, chain_indices, time_grid
+from diffusion.samplers.grids import (
+    CONTINUOUS_GRIDS,
+    GRIDS,
+    chain_indices,
+    shared_grid_arguments,
+    time_grid,
+)
 
 CONTINUOUS_PROCESSES = list(P.PROCESSES)  # every registered process
 
@@ -71,6 +77,18 @@ def test_flow_t_grid_puts_the_noise_levels_where_the_rectified_flow_does(name, x
     s = (s_start ** (1 / rho) + ramp * (s_end ** (1 / rho) - s_start ** (1 / rho))) ** rho
     np.testing.assert_allclose(sigma_hat, s / (1 - s), rtol=1e-9)
     np.testing.assert_allclose(times[[0, -1]], [process.T, process.sampling_t_end], rtol=1e-12)
+
+
+def test_shared_grid_arguments_serve_every_grid_of_a_sweep(x64):
+    """One rho and end time for a sweep over all grids: each grid takes what it can (a chain's index
+    grid none, rho only karras and flow_t) and those that take rho use it."""
+    process = P.DDPM(num_steps=100)
+    t_end = float(process.chain_times[3])
+    for kind in GRIDS:
+        times = time_grid(process, kind, 6, **shared_grid_arguments(kind, t_end=t_end, rho=3.0))
+        if kind in ("karras", "flow_t"):
+            np.testing.assert_array_equal(times, time_grid(process, kind, 6, t_end=t_end, rho=3.0))
+            assert not np.allclose(times, time_grid(process, kind, 6, t_end=t_end))
 
 
 @pytest.mark.parametrize("name", CONTINUOUS_PROCESSES)

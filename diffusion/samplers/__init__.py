@@ -36,7 +36,14 @@ from diffusion.samplers.api import (
     sampler_program,
 )
 from diffusion.samplers.base import SAMPLERS, SampleResult, SamplerSpec, get_sampler
-from diffusion.samplers.grids import CONTINUOUS_GRIDS, DEFAULT_RHO, GRIDS, INDEX_GRIDS, time_grid
+from diffusion.samplers.grids import (
+    CONTINUOUS_GRIDS,
+    DEFAULT_RHO,
+    GRIDS,
+    INDEX_GRIDS,
+    shared_grid_arguments,
+    time_grid,
+)
 from diffusion.samplers.sweep import sweep
 
 __all__ = [
@@ -62,6 +69,7 @@ __all__ = [
     "sampler_program",
     "sde",
     "sde_dpm_solver",
+    "shared_grid_arguments",
     "sweep",
     "time_grid",
     "unipc",

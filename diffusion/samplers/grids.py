@@ -40,7 +40,15 @@ from jax import Array
 
 from diffusion.processes import Process
 
-__all__ = ["CONTINUOUS_GRIDS", "DEFAULT_RHO", "GRIDS", "INDEX_GRIDS", "chain_indices", "time_grid"]
+__all__ = [
+    "CONTINUOUS_GRIDS",
+    "DEFAULT_RHO",
+    "GRIDS",
+    "INDEX_GRIDS",
+    "chain_indices",
+    "shared_grid_arguments",
+    "time_grid",
+]
 
 CONTINUOUS_GRIDS = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras", "flow_t")
 INDEX_GRIDS = ("linspace", "leading", "trailing")
@@ -66,6 +74,17 @@ def chain_indices(num_chain_steps: int, kind: str, num_steps: int) -> np.ndarray
     else:
         raise ValueError(f"unknown index grid {kind!r}; accepted: {', '.join(INDEX_GRIDS)}")
     return np.sort(indices)[::-1]
+
+
+def shared_grid_arguments(
+    kind: str, *, t_start: float | None = None, t_end: float | None = None, rho: float | None = None
+) -> dict:
+    """``time_grid``'s keyword arguments for ``kind`` out of those that a sweep over several grids
+    shares: index grids fix their own end points (the chain's), and rho goes only to the grids it
+    shapes."""
+    if kind in INDEX_GRIDS:
+        return {}
+    return {"t_start": t_start, "t_end": t_end, "rho": rho if kind in DEFAULT_RHO else None}
 
 
 def time_grid(

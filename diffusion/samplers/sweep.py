@@ -23,7 +23,7 @@ from jax import Array
 from diffusion.parameterization import Denoiser
 from diffusion.samplers.api import sampler_program
 from diffusion.samplers.base import get_sampler
-from diffusion.samplers.grids import DEFAULT_RHO, GRIDS, INDEX_GRIDS, time_grid
+from diffusion.samplers.grids import GRIDS, shared_grid_arguments, time_grid
 
 __all__ = ["sweep"]
 
@@ -119,7 +119,10 @@ def sweep(
                             nfe_target - final_nfe, **given_options
                         )
                     times = time_grid(
-                        denoiser.process, grid, num_steps, **_end_points(grid, t_start, t_end, rho)
+                        denoiser.process,
+                        grid,
+                        num_steps,
+                        **shared_grid_arguments(grid, t_start=t_start, t_end=t_end, rho=rho),
                     )
                     _check_span(times, span)
                 except ValueError as error:
@@ -150,13 +153,3 @@ def _check_span(times: Array, span: Array) -> None:
             f"this grid runs from t = {float(times[0]):.6g} to {float(times[-1]):.6g}, the reference "
             f"from {float(span[0]):.6g} to {float(span[-1]):.6g}: its error is not comparable"
         )
-
-
-def _end_points(
-    grid: str, t_start: float | None, t_end: float | None, rho: float | None
-) -> dict[str, Any]:
-    """time_grid's keyword arguments: index grids fix their own end points (the chain's), and rho
-    goes only to the grids it shapes."""
-    if grid in INDEX_GRIDS:
-        return {}
-    return {"t_start": t_start, "t_end": t_end, "rho": rho if grid in DEFAULT_RHO else None}
