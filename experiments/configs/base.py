@@ -176,7 +176,8 @@ def get_base_config() -> ml_collections.ConfigDict:
     )
     # Odd and even budgets: Heun with the final step spends 2 n + 1.
     config.eval.sweep_nfes = (5, 10, 15, 25, 50)
-    config.eval.sweep_grids = ("uniform_t", "uniform_log_snr")
+    # flow_t: the rectified flow's grid on any process, the best grid of benchmarks/solver_accuracy.
+    config.eval.sweep_grids = ("uniform_t", "uniform_log_snr", "flow_t")
     config.eval.sweep_num_samples = 256
     # Every run ends at sigma = 0 with a final step of this order, and the errors are measured
     # against the ODE's end at sigma = 0; False: the runs and the reference end at sampling.t_end.
@@ -400,7 +401,7 @@ def toy_config(view: str, dataset: str = "ring8_2d"):
         "unipc",
         "deis",
     )
-    config.eval.sweep_grids = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras")
+    config.eval.sweep_grids = ("uniform_t", "uniform_log_snr", "quadratic_t", "karras", "flow_t")
     config.eval.sweep_nfes = (5, 10, 15, 25, 50)
     config.eval.sweep_num_samples = 2000
     return config
