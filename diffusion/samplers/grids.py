@@ -16,8 +16,8 @@ Continuous grids (any process):
   sigma_hat at s = sigma_hat / (1 + sigma_hat) = sigma / (alpha + sigma). The grid is uniform in
   s^(1/rho): rho = 1 is uniform in flow time, the grid flow models are sampled on (Lipman et al.
   2022); rho = 2 (the default) is the flow's 'quadratic_t'. On the rectified flow (shift 1) it is
-  'uniform_t' (rho = 1) or 'quadratic_t' (rho = 2) exactly; on other processes it puts the same noise levels
-  where the flow would.
+  'uniform_t' (rho = 1) or 'quadratic_t' (rho = 2) exactly; on other processes it puts the same
+  noise levels where the flow would (docs/references.md#noise-levels-and-time-grids).
 
 Index grids (discrete chains only: DDPM, SMLD), selecting num_steps + 1 of the chain's states as in
 Lin et al. 2024 ("Common diffusion noise schedules and sample steps are flawed", Table 2):
