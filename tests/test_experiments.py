@@ -69,6 +69,25 @@ def test_every_config_validates(name):
     assert experiment.param_count() > 0
 
 
+def test_sampler_options_without_a_default_take_values_of_their_type():
+    """Options whose default is None (the adaptive solver's max_nfe, annealed Langevin's step_lr,
+    DPM-Solver-fast's orders) are typed placeholders in the config, so that a command-line value
+    (--config.sampling.options.adaptive.max_nfe=40) reaches the sampler as what it accepts."""
+    config = load_config("toy_vp")
+    settings = {
+        ("adaptive", "max_nfe"): 40,
+        ("annealed_langevin", "step_lr"): 1e-4,
+        ("dpm_solver_fast", "orders"): (3, 2, 1),
+    }
+    for (method, option), value in settings.items():
+        config.sampling.options[method][option] = value
+    experiment = build(config)
+    for (method, option), value in settings.items():
+        options = experiment.sampling.options_of(method)
+        assert options[option] == value and type(options[option]) is type(value), (method, option)
+        samplers.get_sampler(method).check_options(options)  # raises for a value it refuses
+
+
 def configs_to_train() -> list[str]:
     """Every config, except that of the cross product view x 28x28 data source
     ({vp,subvp,ve,ddpm,smld,edm}_{mnist,fashion_mnist,fashion_mnist_idx}) only what each view and

@@ -12,20 +12,37 @@ it into library objects and rejects impossible combinations before building anyt
 
 from __future__ import annotations
 
+import collections.abc
+import typing
+from typing import Any
+
 import ml_collections
 from ml_collections import config_dict
 
 from diffusion import samplers
 
 
+def _placeholder_type(annotation: Any) -> type:
+    """The type that fills an ``X | None`` option: X, or tuple for a sequence (e.g. DPM-Solver-fast's
+    ``orders: Sequence[int] | None``), as ml_collections' placeholders take one concrete type."""
+    (kind,) = [arg for arg in typing.get_args(annotation) if arg is not type(None)]
+    origin = typing.get_origin(kind) or kind
+    return tuple if issubclass(origin, collections.abc.Sequence) else origin
+
+
 def _sampler_options() -> ml_collections.ConfigDict:
     """One sub-dict per registered sampler, holding its options at the registry's defaults."""
     options = ml_collections.ConfigDict()
     for name, spec in sorted(samplers.SAMPLERS.items()):
+        hints = typing.get_type_hints(spec.fn)
         sub = ml_collections.ConfigDict()
         for option, default in spec.defaults.items():
-            # None defaults become typed placeholders so that a command-line value can fill them.
-            sub[option] = config_dict.placeholder(float) if default is None else default
+            # None defaults become placeholders of the option's annotated type, so that a
+            # command-line value can fill them (--config.sampling.options.adaptive.max_nfe=200).
+            if default is None:
+                sub[option] = config_dict.placeholder(_placeholder_type(hints[option]))
+            else:
+                sub[option] = default
         options[name] = sub
     return options
 
