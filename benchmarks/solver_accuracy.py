@@ -117,6 +117,17 @@ def end_time(process, end_sigma_hat: float | None) -> float | None:
     return max(float(process.t_from_log_snr(-math.log(end_sigma_hat))), process.t_min)
 
 
+def setup(problem: str, num_points: int, seed: int = 0):
+    """(process, exact denoiser of ring8_2d, key, x_T ~ prior of num_points draws, the ODE's end at
+    sigma = 0 from each) for ``problem``; ``seed`` keys the draws."""
+    process = PROBLEMS[problem]()
+    denoiser = oracle.preset("ring8_2d").denoiser(process)
+    key = jax.random.PRNGKey(seed)
+    x_init = process.prior_sample(key, (num_points, 2))
+    reference = jax.jit(lambda x: ode_end_at_zero_noise(denoiser, x, process.T))(x_init)
+    return process, denoiser, key, x_init, reference
+
+
 def run(quick: bool, problems: tuple[str, ...], baseline: bool) -> dict:
     nfes = (5, 10) if quick else (5, 10, 20, 50, 100)
     num_points = 256 if quick else 1000
@@ -126,17 +137,10 @@ def run(quick: bool, problems: tuple[str, ...], baseline: bool) -> dict:
         if not quick or (name in QUICK_SOLVERS and label(name, options) == name)
     )
     orders, ends = ((1,), (None,)) if baseline else ((1, 3) if quick else ORDERS, ENDS)
-    data = oracle.preset("ring8_2d")
     records, best, floors = [], {}, {}
     started = time.perf_counter()
     for problem in problems:
-        process = PROBLEMS[problem]()
-        denoiser = data.denoiser(process)
-        key = jax.random.PRNGKey(0)
-        x_init = process.prior_sample(key, (num_points, 2))
-        reference = jax.jit(lambda x, d=denoiser, t=process.T: ode_end_at_zero_noise(d, x, t))(
-            x_init
-        )
+        process, denoiser, key, x_init, reference = setup(problem, num_points)
         # The order-1 floor of each end: the exact ODE down to the end time, then Tweedie's step.
         floors[problem] = {}
         for end in ends:

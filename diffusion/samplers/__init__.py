@@ -12,7 +12,8 @@ every process and parameterization. Registered names:
   integrator of ``exponential``.
 
 ``sample(name, denoiser, key, x_init_or_shape, grid=..., num_steps=..., **options)`` validates, builds
-the grid and runs one cached jitted program; ``sweep`` runs solvers x NFE x grids against a reference.
+the grid and runs one cached jitted program; ``sweep`` runs solvers x NFE x grids against a reference;
+``fit_time_grid`` learns a grid's times for one solver and denoiser (``fitted_grid``).
 """
 
 # Importing a sampler module registers its samplers.
@@ -36,6 +37,7 @@ from diffusion.samplers.api import (
     sampler_program,
 )
 from diffusion.samplers.base import SAMPLERS, SampleResult, SamplerSpec, get_sampler
+from diffusion.samplers.fitted_grid import FittedGrid, fit_time_grid
 from diffusion.samplers.grids import (
     CONTINUOUS_GRIDS,
     DEFAULT_RHO,
@@ -52,6 +54,7 @@ __all__ = [
     "GRIDS",
     "INDEX_GRIDS",
     "SAMPLERS",
+    "FittedGrid",
     "SampleResult",
     "SamplerProgram",
     "SamplerSpec",
@@ -60,6 +63,7 @@ __all__ = [
     "dpm_solver",
     "exponential",
     "final_denoise",
+    "fit_time_grid",
     "get_sampler",
     "ode",
     "plan_steps",
