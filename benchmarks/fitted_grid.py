@@ -43,10 +43,6 @@ DENOISE_ORDER = 3  # of the final step to sigma = 0
 ITERATIONS = 300
 
 
-def rmse(a, b) -> float:
-    return float(jnp.sqrt(jnp.mean((a - b) ** 2)))
-
-
 def per_draw_errors(samples, reference):
     """The RMSE of each draw over its coordinates."""
     return jnp.sqrt(jnp.mean((samples - reference) ** 2, axis=-1))

@@ -90,9 +90,9 @@ def fit_time_grid(
     ``calibration_x``: x_T draws (batch first). ``reference``: the ODE's end at sigma = 0 from each of
     them (default: ``ode_end_at_zero_noise``, which wants float64). The sampler runs with its final
     step to sigma = 0 of ``denoise_order`` (``sampler_program``) and ``options``; ``progress`` shows a
-    bar with the best calibration RMSE so far. Raises ValueError,
-    before anything compiles, for a stochastic or adaptive sampler, a grid that is not decreasing
-    inside [t_min, T], or iterations / learning_rate out of range.
+    bar with the best calibration RMSE so far. Raises ValueError, before anything compiles, for a
+    stochastic or adaptive sampler, a grid that is not decreasing inside [t_min, T], or iterations /
+    learning_rate out of range.
     """
     spec = get_sampler(name)
     full_options = spec.check_options(options)
